@@ -1,0 +1,353 @@
+"""The `stm` command line. Thin commands that call stages or the library.
+
+Heavy imports (torch, mlflow, GX) happen inside the commands so that `stm --help` is instant.
+User errors (bad files, bad params) end with one line on stderr and exit code 1, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Find and classify atomic-scale defects in STM images without labels.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+log = logging.getLogger("stm_defects")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
+ProfileOpt = Annotated[Optional[str], typer.Option(
+    "--profile", help="Override the params' profile (default | paper).")]
+TrackOpt = Annotated[bool, typer.Option("--track/--no-track", help="Log the run to MLflow (mlruns/).")]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("great_expectations", "mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False):
+    setup_logging(verbose)
+
+
+def user_errors(fn):
+    """Turn domain errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .config import ConfigError
+        from .scans import ScanError
+        from .stages import StageError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ScanError, ConfigError, StageError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _params(path: Path, profile: str | None = None):
+    from .config import load_params
+
+    return load_params(path, profile)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="scan", file=sys.stderr, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------ info
+@app.command()
+@user_errors
+def info(
+    paths: Annotated[list[Path], typer.Argument(help="Scan files or folders (searched recursively).")],
+    direction: Annotated[Optional[str], typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
+):
+    """One line per scan: format, shape, pixel size, channel, direction, height range."""
+    from .scans import ScanError, find_scans, read_scan
+
+    failed = []
+    files = find_scans(paths)
+    if not files:
+        typer.echo(f"error: no scans found in {', '.join(map(str, paths))}", err=True)
+        raise typer.Exit(1)
+    for f in files:
+        try:
+            s = read_scan(f, direction=direction)
+        except ScanError as err:
+            failed.append(str(err))
+            typer.echo(f"FAILED {err}", err=True)
+            continue
+        h = s.height
+        px = f"{s.pixel_nm:.4g} nm/px" if s.pixel_nm else "pixel size unknown"
+        crop = f" cropped from {s.original_shape[0]}x{s.original_shape[1]}" if (
+            s.original_shape and tuple(s.original_shape) != h.shape) else ""
+        typer.echo(f"{f}: {s.format} {h.shape[0]}x{h.shape[1]}{crop} {px} channel={s.channel} "
+                   f"direction={s.direction} height {h.min():.4g}..{h.max():.4g} {s.unit}")
+    if failed:
+        typer.echo(f"{len(failed)} of {len(files)} file(s) failed:", err=True)
+        for line in failed:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------- data stages
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")] = Path("data/raw/synthetic"),
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Generate the synthetic Si(001) scans with ground truth (the embedded default data)."""
+    from . import stages
+
+    p = _params(params)
+    with _progress(p.data.n_scans + p.data.n_hard, "synth") as bar:
+        counts = stages.synth(p, out, progress=bar.update)
+    typer.echo(f"wrote {counts} scans to {out} (montage: {out / 'montage.png'})")
+
+
+@app.command()
+@user_errors
+def validate(
+    raw: Annotated[Path, typer.Option(help="Folder of scans.")] = Path("data/raw/synthetic"),
+    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")] = Path("data/validated"),
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Validate scans with a Great Expectations suite; quarantine failures with reasons."""
+    from . import stages
+
+    m = stages.validate(_params(params), raw, out)
+    typer.echo(f"{m['n_passed']} scans passed, {m['n_quarantined']} quarantined "
+               f"(summary {out / 'summary.json'}, Data Docs {out / 'datadocs' / 'index.html'})")
+
+
+@app.command()
+@user_errors
+def prepare(
+    raw: Annotated[Path, typer.Option(help="Folder of scans.")] = Path("data/raw/synthetic"),
+    summary: Annotated[Path, typer.Option(help="Validation summary.")] = Path("data/validated/summary.json"),
+    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")] = Path("data/prepared"),
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Split scans into train/test/predict and extract training patches."""
+    from . import stages
+
+    m = stages.prepare(_params(params), raw, summary, out)
+    typer.echo(f"prepared {m}")
+
+
+# --------------------------------------------------------------------------------- model stages
+def _epoch_logger(name: str):
+    def on_epoch(epoch, train_loss, val_loss, lr):
+        log.info("%s epoch %3d  train %.5f  val %.5f  lr %.1e", name, epoch + 1, train_loss, val_loss, lr)
+    return on_epoch
+
+
+@app.command("train-ae")
+@user_errors
+def train_ae(
+    which: Annotated[str, typer.Argument(help="ae1 (general patches) or ae2 (defect patches).")],
+    patches: Annotated[Path, typer.Option(help="npz with a `patches` array (N, 1, 32, 32).")],
+    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
+    ae1: Annotated[Optional[Path], typer.Option(
+        help="AE2 only: the AE1 checkpoint the defect patches came from (lineage).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    track: TrackOpt = True,
+):
+    """Train an autoencoder (per-epoch losses are logged)."""
+    from . import stages
+    from .tracking import Tracker
+
+    p = _params(params, profile)
+    with Tracker(p, f"train_{which}", enabled=track) as tr:
+        m = stages.train_autoencoder(p, which, patches, out, on_epoch=_epoch_logger(which.upper()),
+                                     tracker=tr, ae1_path=ae1)
+    typer.echo(f"{which}: best val MSE {m['best_val_loss']:.5f} after {m['epochs_run']} epochs "
+               f"({m['patches_per_s']:.0f} patches/s) -> {out}")
+
+
+@app.command()
+@user_errors
+def kmeans(
+    ae1: Annotated[Path, typer.Option(help="AE1 checkpoint.")],
+    patches: Annotated[Path, typer.Option(help="Training patches npz.")],
+    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    track: TrackOpt = True,
+):
+    """K-means on AE1 latents: inertia / derivative / silhouette over k, fit the chosen k."""
+    from . import stages
+    from .tracking import Tracker
+
+    p = _params(params, profile)
+    with Tracker(p, "kmeans", enabled=track) as tr:
+        m = stages.cluster_general(p, ae1, patches, out, tracker=tr)
+    typer.echo(f"k-means: k={m['k']} silhouette {m['silhouette']:.3f} -> {out}")
+
+
+@app.command()
+@user_errors
+def defects(
+    raw: Annotated[Path, typer.Option(help="Folder of scans.")],
+    manifest: Annotated[Path, typer.Option(help="prepare's manifest.json.")],
+    models: Annotated[Path, typer.Option(help="Folder with ae1/ and kmeans/.")],
+    out: Annotated[Path, typer.Option(help="Output folder for defect patches (rewritten).")],
+    calibration: Annotated[Path, typer.Option(help="Where to write the mask calibration.")],
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    track: TrackOpt = True,
+):
+    """Defect masks on the training scans -> AE2's training patches."""
+    from . import stages
+    from .tracking import Tracker
+
+    p = _params(params, profile)
+    n = len(read_manifest(manifest)["splits"]["train"])
+    with Tracker(p, "defects", enabled=track) as tr, _progress(n, "defect masks") as bar:
+        m = stages.defects(p, raw, manifest, models, out, calibration, progress=bar.update, tracker=tr)
+    typer.echo(f"{m['n_defect_patches']} defect patches (mean mask fraction "
+               f"{m['mean_mask_fraction']:.3f}) -> {out}")
+
+
+@app.command()
+@user_errors
+def gmm(
+    ae2: Annotated[Path, typer.Option(help="AE2 checkpoint.")],
+    patches: Annotated[Path, typer.Option(help="Defect patches npz.")],
+    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
+    ae1: Annotated[Optional[Path], typer.Option(help="AE1 checkpoint behind the patches (lineage).")] = None,
+    kmeans: Annotated[Optional[Path], typer.Option(help="K-means model behind the mask (lineage).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="Mask calibration behind the patches; stored with the GMM version.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    track: TrackOpt = True,
+):
+    """Gaussian mixtures over covariance type x k on AE2 latents, chosen by BIC."""
+    from . import stages
+    from .tracking import Tracker
+
+    p = _params(params, profile)
+    with Tracker(p, "gmm", enabled=track) as tr:
+        m = stages.cluster_defects(p, ae2, patches, out, tracker=tr,
+                                   lineage={"ae1": ae1, "kmeans": kmeans, "calibration": calibration})
+    typer.echo(f"GMM: k={m['k']} covariance={m['covariance_type']} BIC {m['bic']:.1f} -> {out}")
+
+
+def read_manifest(path: Path) -> dict:
+    from .io import read_json
+    from .stages import StageError
+
+    if not Path(path).is_file():
+        raise StageError(f"{path}: manifest not found (run `stm prepare` first)")
+    return read_json(path)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    raw: Annotated[Path, typer.Option(help="Folder of synthetic scans with truth.")] = Path("data/raw/synthetic"),
+    manifest: Annotated[Path, typer.Option(help="prepare's manifest.json.")] = Path("data/prepared/manifest.json"),
+    models: Annotated[Path, typer.Option(help="Folder of trained models.")] = Path("models"),
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("reports/evaluation.json"),
+    per_scan: Annotated[Path, typer.Option(help="Per-scan scores JSON.")] = Path("reports/evaluation_per_scan.json"),
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    track: TrackOpt = True,
+):
+    """Score detection and classes against the synthetic ground truth (test and hard splits)."""
+    from . import stages
+    from .tracking import Tracker
+
+    p = _params(params, profile)
+    splits = read_manifest(manifest)["splits"]
+    with Tracker(p, "evaluate", enabled=track) as tr, \
+            _progress(len(splits["test"]) + len(splits["hard"]), "evaluate") as bar:
+        m = stages.evaluate(p, raw, manifest, models, metrics, per_scan, progress=bar.update, tracker=tr)
+    for split in ("test", "hard"):
+        s = m[split]
+        typer.echo(f"{split}: F1 {s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f})  "
+                   f"ARI {s['ari']:.3f}  NMI {s['nmi']:.3f}  purity {s['purity']:.3f}  "
+                   f"step-edge FP/scan {s['step_edge_fp_mean']:.2f}  AUROC {s['auroc_mean']:.3f}")
+
+
+# ---------------------------------------------------------------------------------- predict
+@app.command()
+@user_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Scan files or folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs/predict"),
+    models: Annotated[Optional[Path], typer.Option(
+        help="Use models from this local folder (ae1/, kmeans/, ae2/, gmm/) instead of the registry.")] = None,
+    direction: Annotated[Optional[str], typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+):
+    """Find and classify defects: per scan a JSON, an overlay, a class map and a character map."""
+    from . import stages
+    from .predict import predict_scan, write_summary
+    from .scans import ScanError, find_scans
+
+    p = _params(params, profile)
+    files = find_scans(paths)
+    if not files:
+        typer.echo(f"error: no scans found in {', '.join(map(str, paths))}", err=True)
+        raise typer.Exit(1)
+    bundle = stages.load_models(models or Path("models"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], []
+    with _progress(len(files), "predict") as bar:
+        for f in files:
+            try:
+                rows.append(predict_scan(f, bundle, p, out, direction=direction))
+            except ScanError as err:
+                failed.append(str(err))
+                bar.write(f"FAILED {err}", file=sys.stderr)
+            bar.update(1)
+    write_summary(rows, out / "summary.csv")
+    typer.echo(f"{len(rows)} scan(s), {sum(r['n_defects'] for r in rows)} defects -> {out} "
+               f"(summary {out / 'summary.csv'})")
+    if failed:
+        typer.echo(f"{len(failed)} of {len(files)} file(s) failed:", err=True)
+        for line in failed:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def results():
+    """Where `make run` left its results, with the evaluation numbers."""
+    from .io import read_json
+
+    ev = Path("reports/evaluation.json")
+    typer.echo("results:")
+    typer.echo("  synthetic data + montage : data/raw/synthetic/ (montage.png)")
+    typer.echo("  validation               : data/validated/summary.json, data/validated/datadocs/index.html")
+    typer.echo("  models                   : models/{ae1,kmeans,ae2,gmm}/ (loss.png, elbow.png, bic.png)")
+    typer.echo("  evaluation               : reports/evaluation.json")
+    if ev.is_file():
+        m = read_json(ev)
+        for split in ("test", "hard"):
+            s = m.get(split, {})
+            typer.echo(f"  {split:5s} F1 {s.get('f1', float('nan')):.3f}  ARI {s.get('ari', float('nan')):.3f}  "
+                       f"purity {s.get('purity', float('nan')):.3f}  "
+                       f"step-edge FP/scan {s.get('step_edge_fp_mean', float('nan')):.2f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,31 @@
+"""Neural network models."""
+
+from .autoencoder import (
+    CHECKPOINT_VERSION,
+    PROFILES,
+    AEConfig,
+    ConvAutoencoder,
+    SeededDropout,
+    build_autoencoder,
+    count_parameters,
+    keras_parameter_count,
+    list_profiles,
+    load_checkpoint,
+    save_checkpoint,
+    set_dropout_generator,
+)
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "PROFILES",
+    "AEConfig",
+    "ConvAutoencoder",
+    "SeededDropout",
+    "build_autoencoder",
+    "count_parameters",
+    "keras_parameter_count",
+    "list_profiles",
+    "load_checkpoint",
+    "save_checkpoint",
+    "set_dropout_generator",
+]

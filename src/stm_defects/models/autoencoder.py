@@ -1,0 +1,369 @@
+"""Convolutional autoencoders for STM defect patches (report, Appendix A).
+
+One configurable module, :class:`ConvAutoencoder`, expresses both networks of
+the report (AE1, Table 1 and AE2, Table 2) and smaller "slim" variants of them.
+
+Architecture, for ``AEConfig(widths=(w1, ..., wn), kernels=(k1, ..., kn))``::
+
+    encoder:  [Conv(w_i, k_i, 'same') (+BN+ReLU if encoder_norm[i]) -> MaxPool2]  i = 1..n
+              -> Dropout -> Flatten (w_n * (s/2^n)^2)
+              [-> Dense hidden] -> Dense latent
+    decoder:  Dense latent -> [Dense hidden ->] Dense (w_n * (s/2^n)^2) -> Reshape
+              -> UpSample2 -> Conv(w_{n-1}, k_{n-1}) BN ReLU Dropout
+              -> UpSample2 -> Conv(w_{n-2}, k_{n-2}) BN ReLU
+              ...
+              -> UpSample2 -> Conv(1, 3) -> sigmoid
+
+The dense layers have no activation (as in the tables of the report).
+Dropout appears once in the encoder (after the last pooling) and once in the
+decoder (after the first decoder conv block), as in both tables.
+
+Parameter count of ``ae1_paper``: the report (Keras) lists 3,488,289. Keras
+counts 4 parameters per BatchNorm channel (gamma, beta, moving mean, moving
+variance); torch counts gamma and beta as parameters and keeps the moving
+statistics as buffers. With 768 BN channels (128 + 256 + 256 + 128) this gives
+3,488,289 - 2 * 768 = 3,486,753 trainable torch parameters, plus 1,536
+running-statistics buffer entries: the same network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "PROFILES",
+    "AEConfig",
+    "ConvAutoencoder",
+    "SeededDropout",
+    "build_autoencoder",
+    "count_parameters",
+    "keras_parameter_count",
+    "list_profiles",
+    "load_checkpoint",
+    "save_checkpoint",
+    "set_dropout_generator",
+]
+
+CHECKPOINT_VERSION = 1
+
+
+def _check_keys(cls: type, d: Mapping[str, Any]) -> None:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {cls.__name__} key(s): {', '.join(map(repr, unknown))}; "
+            f"allowed keys: {', '.join(sorted(known))}"
+        )
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """Architecture of a :class:`ConvAutoencoder`.
+
+    widths: encoder conv widths; the decoder mirrors them (reversed, the last
+        conv maps to 1 channel).
+    kernels: kernel size of each encoder conv (odd); the decoder conv of the
+        same width uses the same kernel, the final 1-channel conv uses 3x3.
+    encoder_norm: whether BN+ReLU follows each encoder conv (paper AE1: the
+        last encoder conv has neither).
+    latent: latent dimension.
+    hidden: optional dense layer between flatten and latent, mirrored in the
+        decoder (paper AE2: 256).
+    dropout: dropout rate (encoder after the last pooling, decoder after the
+        first conv block).
+    patch: input side length; must be divisible by 2 ** len(widths).
+    """
+
+    widths: tuple[int, ...] = (16, 32, 64)
+    kernels: tuple[int, ...] = (3, 3, 3)
+    encoder_norm: tuple[bool, ...] = (True, True, False)
+    latent: int = 32
+    hidden: int | None = None
+    dropout: float = 0.25
+    patch: int = 32
+
+    def __post_init__(self) -> None:
+        # normalise sequences (e.g. lists from YAML/JSON/checkpoints) to tuples
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
+        object.__setattr__(self, "encoder_norm", tuple(bool(b) for b in self.encoder_norm))
+        n = len(self.widths)
+        if n == 0:
+            raise ValueError("widths must not be empty")
+        if len(self.kernels) != n or len(self.encoder_norm) != n:
+            raise ValueError(
+                f"widths, kernels and encoder_norm must have the same length, got "
+                f"{n}, {len(self.kernels)}, {len(self.encoder_norm)}"
+            )
+        if any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be positive, got {self.widths}")
+        if any(k < 1 or k % 2 == 0 for k in self.kernels):
+            raise ValueError(f"kernels must be odd positive integers, got {self.kernels}")
+        if self.latent < 1:
+            raise ValueError(f"latent must be positive, got {self.latent}")
+        if self.hidden is not None and int(self.hidden) < 1:
+            raise ValueError(f"hidden must be positive or None, got {self.hidden}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.patch < 1 or self.patch % (2**n) != 0:
+            raise ValueError(f"patch ({self.patch}) must be divisible by 2**len(widths) = {2**n}")
+
+    @property
+    def bottleneck(self) -> int:
+        """Side length of the feature map before flattening."""
+        return self.patch // 2 ** len(self.widths)
+
+    @property
+    def flat_features(self) -> int:
+        return self.widths[-1] * self.bottleneck**2
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AEConfig:
+        """Build from a mapping; unknown keys raise ``ValueError``."""
+        _check_keys(cls, d)
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Name -> configuration registry (read-only).
+PROFILES: Mapping[str, AEConfig] = MappingProxyType(
+    {
+        # Report, Table 1.
+        "ae1_paper": AEConfig(
+            widths=(128, 256, 512),
+            kernels=(3, 3, 3),
+            encoder_norm=(True, True, False),
+            latent=32,
+            hidden=None,
+        ),
+        # Report, Table 2.
+        "ae2_paper": AEConfig(
+            widths=(64, 128, 512),
+            kernels=(5, 3, 3),
+            encoder_norm=(True, True, True),
+            latent=8,
+            hidden=256,
+        ),
+        # Same topology as AE1 with 8x narrower convs (~0.1 M params).
+        "ae1_slim": AEConfig(
+            widths=(16, 32, 64),
+            kernels=(3, 3, 3),
+            encoder_norm=(True, True, False),
+            latent=32,
+            hidden=None,
+        ),
+        # Same topology as AE2 with narrower convs; the 1024-d flatten is
+        # squeezed through a 64-d dense layer into the 8-d latent.
+        "ae2_slim": AEConfig(
+            widths=(16, 32, 64),
+            kernels=(5, 3, 3),
+            encoder_norm=(True, True, True),
+            latent=8,
+            hidden=64,
+        ),
+    }
+)
+
+
+def list_profiles() -> list[str]:
+    return sorted(PROFILES)
+
+
+class SeededDropout(nn.Dropout):
+    """``nn.Dropout`` that can draw its masks from a private ``torch.Generator``.
+
+    With ``generator`` unset it behaves exactly like ``nn.Dropout`` (global
+    RNG). The training loop attaches a local generator for the duration of a
+    fit, so training is reproducible without touching global RNG state (and is
+    safe when several fits run in threads, e.g. parallel Optuna trials).
+    """
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.generator
+        if g is None or not self.training or self.p == 0.0:
+            return super().forward(x)
+        keep = 1.0 - self.p
+        mask = torch.empty(x.shape, dtype=torch.float32, device=x.device).bernoulli_(keep, generator=g)
+        return x * mask.div_(keep).to(x.dtype)
+
+
+def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Attach (or with ``None`` detach) a private RNG to every :class:`SeededDropout`."""
+    for m in model.modules():
+        if isinstance(m, SeededDropout):
+            m.generator = generator
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=k, padding=k // 2)
+
+
+class ConvAutoencoder(nn.Module):
+    """Convolutional autoencoder for (N, 1, s, s) patches in [0, 1]."""
+
+    def __init__(self, cfg: AEConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, AEConfig):
+            raise TypeError(f"cfg must be an AEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        w, k = cfg.widths, cfg.kernels
+        n = len(w)
+
+        enc: list[nn.Module] = []
+        cin = 1
+        for i in range(n):
+            enc.append(_conv(cin, w[i], k[i]))
+            if cfg.encoder_norm[i]:
+                enc += [nn.BatchNorm2d(w[i]), nn.ReLU(inplace=True)]
+            enc.append(nn.MaxPool2d(2))
+            cin = w[i]
+        enc += [SeededDropout(cfg.dropout), nn.Flatten()]
+        if cfg.hidden is not None:
+            enc += [nn.Linear(cfg.flat_features, cfg.hidden), nn.Linear(cfg.hidden, cfg.latent)]
+        else:
+            enc.append(nn.Linear(cfg.flat_features, cfg.latent))
+        self.encoder = nn.Sequential(*enc)
+
+        dec: list[nn.Module] = []
+        if cfg.hidden is not None:
+            dec += [nn.Linear(cfg.latent, cfg.hidden), nn.Linear(cfg.hidden, cfg.flat_features)]
+        else:
+            dec.append(nn.Linear(cfg.latent, cfg.flat_features))
+        dec.append(nn.Unflatten(1, (w[-1], cfg.bottleneck, cfg.bottleneck)))
+        cin = w[-1]
+        for j, i in enumerate(range(n - 2, -1, -1)):
+            dec += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                _conv(cin, w[i], k[i]),
+                nn.BatchNorm2d(w[i]),
+                nn.ReLU(inplace=True),
+            ]
+            if j == 0:
+                dec.append(SeededDropout(cfg.dropout))
+            cin = w[i]
+        dec += [nn.Upsample(scale_factor=2, mode="nearest"), _conv(cin, 1, 3), nn.Sigmoid()]
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, s, s) -> (N, latent)."""
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, latent) -> (N, 1, s, s) in [0, 1]."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def keras_parameter_count(model: nn.Module) -> int:
+    """Parameter count as Keras reports it (BN running mean/var included)."""
+    n = count_parameters(model, trainable_only=False)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            n += m.running_mean.numel() + m.running_var.numel()
+    return n
+
+
+def build_autoencoder(
+    cfg: AEConfig | Mapping[str, Any] | str, seed: int | None = None
+) -> ConvAutoencoder:
+    """Build from a config, a mapping (see :meth:`AEConfig.from_dict`) or a profile name.
+
+    If ``seed`` is given, weight initialisation is reproducible; the global
+    torch RNG state is left untouched (``torch.random.fork_rng``).
+    """
+    if isinstance(cfg, str):
+        if cfg not in PROFILES:
+            raise ValueError(f"unknown autoencoder profile {cfg!r}; known: {', '.join(list_profiles())}")
+        cfg = PROFILES[cfg]
+    elif isinstance(cfg, Mapping):
+        cfg = AEConfig.from_dict(cfg)
+    elif not isinstance(cfg, AEConfig):
+        raise TypeError(f"cannot build an autoencoder from {type(cfg).__name__}")
+    if seed is None:
+        return ConvAutoencoder(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ConvAutoencoder(cfg)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel / DataParallel -> .module; torch.compile -> ._orig_mod
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+_RESERVED = ("state_dict", "config", "version")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """Save a self-describing checkpoint.
+
+    The file holds ``{"state_dict", "config": asdict(cfg), "version": 1, **extra}``.
+    ``extra`` must contain only plain Python/tensor values (it is read back with
+    ``torch.load(weights_only=True)``) and may not use the reserved keys.
+    """
+    m = _unwrap(model)
+    if not isinstance(m, ConvAutoencoder):
+        raise TypeError(f"expected a ConvAutoencoder, got {type(m).__name__}")
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"extra uses reserved checkpoint key(s): {clash}")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in m.state_dict().items()}
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(m.cfg).items()}
+    payload = {"state_dict": state, "config": cfg, "version": CHECKPOINT_VERSION, **extra}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[ConvAutoencoder, dict[str, Any]]:
+    """Rebuild a model from a checkpoint file alone.
+
+    Returns ``(model, extra)``; the model is in eval mode on ``map_location``
+    and ``extra`` holds every non-reserved key plus ``"version"`` and
+    ``"config"``.
+    """
+    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
+        raise ValueError(f"{path} is not an stm_defects autoencoder checkpoint")
+    version = payload.get("version")
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"unsupported checkpoint version {version!r} (expected {CHECKPOINT_VERSION})")
+    cfg = AEConfig.from_dict(payload["config"])
+    model = ConvAutoencoder(cfg)
+    model.load_state_dict(payload["state_dict"])
+    model.to(map_location)
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, meta

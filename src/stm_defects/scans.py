@@ -1,0 +1,979 @@
+"""Read STM topography images from instrument files and plain image files.
+
+Every reader returns a :class:`Scan`: a float32 height map in nanometres (or raw
+values, unit ``"a.u."``, when the file carries no physical unit), the pixel size
+in nanometres when known, and JSON-serialisable instrument metadata.
+
+Supported inputs and the package that reads each one:
+
+* Omicron MATRIX ``.Z_mtrx`` (+ ``*_0001.mtrx`` parameter file): ``access2thematrix``
+* Nanonis ``.sxm``: ``nanonispy2`` (header parsing; the data block is reshaped here
+  so that channels recorded in one direction only are handled too)
+* RHK ``.sm4``: the standalone ``RHKsm4`` class shipped inside ``spym``
+  (``spym/io/rhksm4/_sm4.py``), loaded from its file so that spym's undeclared
+  xarray/hvplot dependencies are not needed
+* Gwyddion ``.gwy``: ``gwyfile``
+* SPIEPy demo ``.dat``: a 2 x uint32 (rows, cols) header then float64 heights in metres
+* ``.npy`` (numpy), ``.tif``/``.tiff`` (``tifffile``), ``.png`` (Pillow)
+
+Bad input raises :class:`ScanError`, whose message is a single line naming the file.
+Unfinished scan lines (whole rows or columns of NaN or exact zeros at the edges, as
+left by an aborted scan) are cropped away; ``Scan.origin`` and ``Scan.original_shape``
+relate the cropped image to the original pixel grid.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import re
+import struct
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SCAN_EXTENSIONS",
+    "Scan",
+    "ScanError",
+    "find_scans",
+    "read_scan",
+    "require_min_size",
+    "save_gwy",
+]
+
+SCAN_EXTENSIONS: tuple[str, ...] = (
+    ".z_mtrx",
+    ".sxm",
+    ".sm4",
+    ".gwy",
+    ".dat",
+    ".npy",
+    ".tif",
+    ".tiff",
+    ".png",
+)
+
+# Heights with one of these length units are converted to nanometres.
+_LENGTH_TO_NM = {
+    "m": 1e9,
+    "mm": 1e6,
+    "um": 1e3,
+    "µm": 1e3,
+    "μm": 1e3,
+    "nm": 1.0,
+    "å": 0.1,
+    "angstrom": 0.1,
+    "pm": 1e-3,
+}
+
+_H_WORDS = {
+    "forward": "forward",
+    "fwd": "forward",
+    "fw": "forward",
+    "f": "forward",
+    "trace": "forward",
+    "backward": "backward",
+    "bwd": "backward",
+    "bw": "backward",
+    "b": "backward",
+    "back": "backward",
+    "retrace": "backward",
+}
+_V_WORDS = {"up": "up", "u": "up", "down": "down", "dn": "down", "d": "down"}
+_DIRECTION_HELP = (
+    "use forward/up, backward/up, forward/down or backward/down (short forms: fwd, bwd, up, down)"
+)
+
+
+class ScanError(Exception):
+    """A user-facing error about one input file.
+
+    ``str(err) == f"{path}: {reason}"`` on one line; ``.path`` and ``.reason``
+    hold the two parts.
+    """
+
+    def __init__(self, path: Any, reason: str) -> None:
+        self.path = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+        self.reason = _one_line(reason)
+        super().__init__(self.path, self.reason)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True, eq=False)
+class Scan:
+    """One topography image read from a file.
+
+    ``eq=False``: scans compare and hash by identity (the height array makes
+    field-wise equality ambiguous).
+    """
+
+    height: np.ndarray
+    pixel_nm: float | None
+    unit: str
+    channel: str
+    direction: str
+    path: str
+    format: str
+    origin: tuple[int, int] = (0, 0)
+    original_shape: tuple[int, int] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Raw:
+    """What a format reader hands to :func:`_finalise`."""
+
+    data: Any
+    to_nm: float | None  # multiply raw values by this to get nm; None: keep raw ("a.u.")
+    pixel_nm: float | None
+    channel: str
+    direction: str
+    format: str
+    meta: dict
+    origin: tuple[int, int] = (0, 0)  # of data[0, 0] in the instrument's full grid
+    full_shape: tuple[int, int] | None = None  # the full grid when the reader already cropped
+
+
+# ---------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------
+
+
+def read_scan(path: str | os.PathLike, direction: str | None = None) -> Scan:
+    """Read the topography image of one file.
+
+    ``direction`` picks the trace where a file holds several: "forward/up"
+    (default), "backward/up", "forward/down" or "backward/down" for Matrix;
+    "forward" (default) or "backward" for Nanonis, RHK and Gwyddion files. Short
+    forms ("fwd", "bwd", "up", "down") are accepted. A vertical part is ignored
+    by formats that record a single vertical direction.
+
+    Raises :class:`ScanError` for anything wrong with the file.
+    """
+    spath = os.fspath(path)
+    p = Path(spath)
+    if not p.exists():
+        raise ScanError(spath, "file not found")
+    if p.is_dir():
+        raise ScanError(spath, "is a folder, not a file")
+    ext = p.suffix.lower()
+    if ext == ".mtrx":
+        raise ScanError(
+            spath,
+            "this is a Matrix parameter file, not an image; read the .Z_mtrx data file next to it",
+        )
+    if ext not in _READERS:
+        shown = ext if ext else "(no extension)"
+        raise ScanError(
+            spath,
+            f"unsupported file type {shown}; supported: {', '.join(_display_extensions())}",
+        )
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ScanError(spath, f"cannot access file ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise ScanError(spath, "empty file (0 bytes)")
+
+    try:
+        hdir, vdir = _parse_direction(direction)
+    except ValueError as exc:
+        raise ScanError(spath, str(exc)) from None
+
+    reader, label = _READERS[ext]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = reader(p, hdir, vdir)
+    except ScanError as exc:
+        raise ScanError(spath, exc.reason) from None
+    except MemoryError as exc:
+        raise ScanError(spath, f"{label} file too large to load (corrupt header?)") from exc
+    except OSError as exc:
+        if exc.errno is not None:
+            raise ScanError(spath, f"cannot read file ({exc.strerror or exc})") from exc
+        raise ScanError(spath, f"corrupt or truncated {label} file ({_describe(exc)})") from exc
+    except Exception as exc:  # the reader libraries raise all sorts on bad files
+        raise ScanError(spath, f"corrupt or truncated {label} file ({_describe(exc)})") from exc
+    return _finalise(raw, spath)
+
+
+def find_scans(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a list of scan files.
+
+    Files are returned as given (whatever their extension: :func:`read_scan`
+    rejects what it cannot read). Folders are searched recursively for files with
+    an extension in :data:`SCAN_EXTENSIONS`; each folder's files come out sorted.
+    Hidden files and folders are skipped; Matrix parameter files (``*_0001.mtrx``)
+    are never returned from a folder search. Duplicates are dropped.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(item: Path) -> None:
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+
+    for entry in paths:
+        p = Path(entry)
+        if p.is_dir():
+            found = []
+            for root, dirs, files in os.walk(p):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for name in files:
+                    if name.startswith("."):
+                        continue
+                    if Path(name).suffix.lower() in SCAN_EXTENSIONS:
+                        found.append(Path(root) / name)
+            for item in sorted(found):
+                add(item)
+        else:
+            add(p)
+    return out
+
+
+def require_min_size(scan: Scan, size: int) -> None:
+    """Raise :class:`ScanError` when the image cannot hold one ``size`` x ``size`` patch."""
+    rows, cols = scan.height.shape[:2]
+    if rows < size or cols < size:
+        raise ScanError(scan.path, f"image {rows}x{cols} is smaller than one {size}x{size} patch")
+
+
+def save_gwy(
+    path: str | os.PathLike,
+    height: np.ndarray,
+    pixel_nm: float | None,
+    unit: str = "nm",
+    meta: dict | None = None,
+) -> None:
+    """Write ``height`` as a Gwyddion ``.gwy`` file that :func:`read_scan` reads back.
+
+    Heights in nm are stored in metres (SI units, as Gwyddion expects) with the
+    lateral size taken from ``pixel_nm``; ``unit="a.u."`` stores raw values with no
+    unit. Without a pixel size the lateral unit is left empty (one unit per pixel).
+    ``meta`` goes into the channel's metadata container as strings (non-strings
+    JSON-encoded).
+    """
+    from gwyfile.objects import GwyContainer, GwyDataField, GwySIUnit
+
+    arr = np.asarray(height, dtype=np.float64)
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise ValueError(f"height must be a non-empty 2-D array, got shape {arr.shape}")
+    if unit not in ("nm", "a.u."):
+        raise ValueError(f"unit must be 'nm' or 'a.u.', got {unit!r}")
+    rows, cols = arr.shape
+    if unit == "nm":
+        data, z_unit = arr * 1e-9, "m"
+    else:
+        data, z_unit = arr, ""
+    if pixel_nm is not None:
+        pixel = float(pixel_nm)
+        if not (math.isfinite(pixel) and pixel > 0):
+            raise ValueError(f"pixel_nm must be a positive number, got {pixel_nm!r}")
+        xreal, yreal, xy_unit = cols * pixel * 1e-9, rows * pixel * 1e-9, "m"
+    else:
+        xreal, yreal, xy_unit = float(cols), float(rows), ""
+
+    field_ = GwyDataField(
+        np.ascontiguousarray(data),
+        xreal=xreal,
+        yreal=yreal,
+        si_unit_xy=GwySIUnit(unitstr=xy_unit),
+        si_unit_z=GwySIUnit(unitstr=z_unit),
+    )
+    container = GwyContainer()
+    container["/0/data"] = field_
+    container["/0/data/title"] = "Topography"
+    container.typecodes["/0/data/title"] = "s"
+    if meta:
+        meta_container = GwyContainer()
+        for key, value in meta.items():
+            text = value if isinstance(value, str) else json.dumps(_jsonable(value))
+            meta_container[str(key)] = text
+            meta_container.typecodes[str(key)] = "s"
+        container["/0/meta"] = meta_container
+    container.tofile(os.fspath(path))
+
+
+# ---------------------------------------------------------------------------
+# shared post-processing
+# ---------------------------------------------------------------------------
+
+
+def _finalise(raw: _Raw, spath: str) -> Scan:
+    arr = np.asarray(raw.data)
+    if arr.ndim != 2:
+        raise ScanError(spath, f"expected a 2-D image, got an array of shape {arr.shape}")
+    if 0 in arr.shape:
+        raise ScanError(spath, f"image has no pixels (shape {arr.shape})")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ScanError(spath, f"unsupported pixel data type {arr.dtype} (expected numbers)")
+
+    z = arr.astype(np.float64)  # always a copy
+    if raw.to_nm is not None:
+        z *= raw.to_nm
+    finite = np.isfinite(z)
+    if not finite.any():
+        raise ScanError(spath, "no valid height values: every pixel is NaN")
+
+    # Crop unfinished lines: whole rows, then whole columns, of NaN/zero at the edges.
+    bad = ~finite | (z == 0)
+    good_rows = np.flatnonzero(~bad.all(axis=1))
+    if good_rows.size == 0:
+        raise ScanError(spath, "constant image: every valid pixel is 0 (no height variation)")
+    r0, r1 = int(good_rows[0]), int(good_rows[-1]) + 1
+    good_cols = np.flatnonzero(~bad[r0:r1].all(axis=0))
+    c0, c1 = int(good_cols[0]), int(good_cols[-1]) + 1
+    z = z[r0:r1, c0:c1]
+
+    meta = dict(raw.meta)
+    missing = ~np.isfinite(z)
+    n_missing = int(missing.sum())
+    fraction = n_missing / z.size
+    if fraction > 0.5:
+        raise ScanError(spath, f"{fraction:.0%} of the pixels inside the scanned area are missing (NaN)")
+    if n_missing:
+        z[missing] = np.median(z[~missing])
+    meta["nan_filled_fraction"] = float(fraction)
+
+    height = z.astype(np.float32)
+    if not np.isfinite(height).all():
+        raise ScanError(spath, "height values are too large for 32-bit floats")
+    if float(height.max()) == float(height.min()):
+        raise ScanError(
+            spath, f"constant image: every pixel is {float(height.flat[0]):g} (no height variation)"
+        )
+
+    full_shape = raw.full_shape if raw.full_shape is not None else arr.shape
+    origin = (int(raw.origin[0]) + r0, int(raw.origin[1]) + c0)
+    return Scan(
+        height=height,
+        pixel_nm=None if raw.pixel_nm is None else float(raw.pixel_nm),
+        unit="nm" if raw.to_nm is not None else "a.u.",
+        channel=raw.channel,
+        direction=raw.direction,
+        path=spath,
+        format=raw.format,
+        origin=origin,
+        original_shape=(int(full_shape[0]), int(full_shape[1])),
+        meta=_jsonable(meta),
+    )
+
+
+# ---------------------------------------------------------------------------
+# format readers: (path, horizontal or None, vertical or None) -> _Raw
+# ---------------------------------------------------------------------------
+
+
+def _read_matrix(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    import access2thematrix
+
+    name = p.name
+    if "--" not in name:
+        raise ScanError(
+            p,
+            "cannot locate the Matrix parameter file: data file names look like <name>--<run>_<cycle>.Z_mtrx",
+        )
+    param = p.with_name(name[: name.rfind("--")] + "_0001.mtrx")
+    if not param.is_file():
+        raise ScanError(
+            p,
+            f"Matrix parameter file {param.name} is missing; it must sit in the same folder as the data file",
+        )
+    want = f"{hdir or 'forward'}/{vdir or 'up'}"
+
+    mtrx = access2thematrix.MtrxData()
+    traces, message = mtrx.open(os.fspath(p))
+    available = [str(t) for t in dict(traces).values()]
+    if not available or mtrx.axis is None:
+        reason = str(message).strip().rstrip(".") or "no image data"
+        raise ScanError(p, f"cannot read Matrix image ({reason}; corrupt or truncated file?)")
+    if want not in available:
+        raise ScanError(
+            p, f"direction {want} was not recorded in this file (available: {', '.join(available)})"
+        )
+    image, _ = mtrx.select_image(want)
+    data = np.asarray(image.data)
+
+    channel, unit = (list(image.channel_name_and_unit) + ["", ""])[:2]
+    to_nm = _length_factor(unit)
+    rows, cols = data.shape
+    # axis[2] = [x retrace, y retrace, nominal lines, recorded lines (up + down)]
+    nominal_lines = int(mtrx.axis[2][2])
+    recorded_lines = int(mtrx.axis[2][3])
+    if want.endswith("/down"):
+        origin = (max(2 * nominal_lines - recorded_lines, 0), 0)
+    else:
+        origin = (0, 0)
+    full_shape = (max(nominal_lines, origin[0] + rows), cols)
+
+    width_m = float(image.width)
+    height_m = float(mtrx.axis[1][1])
+    # The XY scanner sizes are in metres whatever the channel's unit.
+    pixel_nm = width_m * 1e9 / cols
+    pixel_y_nm = height_m * 1e9 / nominal_lines if nominal_lines else None
+
+    params = mtrx.param
+    meta: dict[str, Any] = {
+        "width_nm": width_m * 1e9,
+        "height_nm": height_m * 1e9,
+        "pixel_x_nm": pixel_nm,
+        "pixel_y_nm": pixel_y_nm,
+        "scan_angle_deg": getattr(image, "angle", None),
+        "x_offset_nm": float(image.x_offset) * 1e9,
+        "y_offset_nm": float(image.y_offset) * 1e9,
+        "recorded_lines": recorded_lines,
+        "nominal_lines": nominal_lines,
+        "z_unit": unit,
+        "sample_name": getattr(mtrx, "sample_name", ""),
+        "data_set_name": getattr(mtrx, "data_set_name", ""),
+        "comment": getattr(mtrx, "creation_comment", ""),
+        "parameter_file": param.name,
+        "available_directions": available,
+    }
+    for key, label in (
+        ("EEPA::GapVoltageControl.Voltage", "bias"),
+        ("EEPA::Regulator.Setpoint_1", "setpoint"),
+        ("EEPA::XYScanner.Raster_Time", "raster_time"),
+    ):
+        if key in params:
+            value = params[key]
+            meta[label] = value[0] if isinstance(value, (list, tuple)) else value
+            if isinstance(value, (list, tuple)) and len(value) > 1:
+                meta[f"{label}_unit"] = value[1]
+    if params.get("BKLT"):
+        meta["date"] = str(params["BKLT"])  # data file time stamp, as access2thematrix formats it
+    stamp = re.search(r"(\d{4}[A-Za-z]{3}\d{2}-\d{6})", name)
+    if stamp:
+        meta["name_stamp"] = stamp.group(1)
+    return _Raw(
+        data=data,
+        to_nm=to_nm,
+        pixel_nm=pixel_nm,
+        channel=str(channel or "Z"),
+        direction=want,
+        format="matrix",
+        meta=meta,
+        origin=origin,
+        full_shape=full_shape,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _nanonis_scan_class() -> type:
+    import nanonispy2.read
+
+    class _SxmScan(nanonispy2.read.Scan):
+        """nanonispy2's Scan, with the data block split by each channel's recorded directions.
+
+        nanonispy2 assumes every channel holds forward and backward images; Nanonis
+        can record a channel in one direction only ("forward" or "backward").
+        """
+
+        def _load_data(self) -> dict:
+            info = self.header["data_info"]
+            names = list(info["Name"])
+            dirs = [str(d).strip().lower() for d in info.get("Direction", ["both"] * len(names))]
+            nx, ny = (int(v) for v in self.header["scan_pixels"])
+            n_images = sum(2 if d == "both" else 1 for d in dirs)
+            needed = n_images * nx * ny
+            with open(self.fname, "rb") as f:
+                f.seek(self.byte_offset)
+                values = np.fromfile(f, dtype=self.data_format, count=needed)
+            if values.size < needed:
+                raise ValueError(
+                    f"data block holds {values.size} values, header needs {needed} "
+                    f"({n_images} images of {nx}x{ny})"
+                )
+            images = values.reshape(n_images, ny, nx)
+            signals: dict = {}
+            k = 0
+            for name, d in zip(names, dirs):
+                if d == "both":
+                    signals[name] = {"forward": images[k], "backward": images[k + 1]}
+                    k += 2
+                else:
+                    signals[name] = {"backward" if d.startswith("back") else "forward": images[k]}
+                    k += 1
+            return signals
+
+    return _SxmScan
+
+
+def _read_nanonis(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    if p.suffix != ".sxm":
+        raise ScanError(p, "nanonispy2 reads Nanonis files only with a lower-case .sxm extension")
+    scan = _nanonis_scan_class()(os.fspath(p))
+    header = scan.header
+    want = hdir or "forward"
+
+    names = list(scan.signals)
+    z_name = next((n for n in names if n.strip().lower() == "z"), None)
+    if z_name is None:
+        z_name = next((n for n in names if "topo" in n.lower() or "height" in n.lower()), None)
+    if z_name is None:
+        raise ScanError(p, f"no Z (topography) channel in this file (channels: {', '.join(names)})")
+    images = scan.signals[z_name]
+    if want not in images:
+        raise ScanError(
+            p, f"the Z channel was not recorded in the {want} direction (available: {', '.join(images)})"
+        )
+    data = np.asarray(images[want], dtype=np.float64)
+    if want == "backward":
+        # Nanonis stores backward lines in acquisition order (right to left);
+        # nanonispy2 does not reverse them, so flip to match the forward image.
+        data = data[:, ::-1]
+
+    info = header.get("data_info", {})
+    unit = ""
+    try:
+        unit = str(list(info["Unit"])[list(info["Name"]).index(z_name)])
+    except (KeyError, ValueError, IndexError):
+        pass
+    to_nm = _length_factor(unit)
+
+    nx, ny = (int(v) for v in header["scan_pixels"])
+    range_m = [float(v) for v in header.get("scan_range", [])]
+    pixel_nm = pixel_y_nm = None
+    if len(range_m) == 2 and nx and ny:
+        pixel_nm = range_m[0] * 1e9 / nx
+        pixel_y_nm = range_m[1] * 1e9 / ny
+
+    meta: dict[str, Any] = {
+        "scan_range_nm": [v * 1e9 for v in range_m],
+        "scan_pixels": [nx, ny],
+        "pixel_x_nm": pixel_nm,
+        "pixel_y_nm": pixel_y_nm,
+        "scan_offset_nm": [float(v) * 1e9 for v in header.get("scan_offset", [])],
+        "scan_angle_deg": _to_float(header.get("scan_angle")),
+        "scan_dir": header.get("scan_dir"),
+        "bias_V": _to_float(header.get("bias")),
+        "setpoint": _to_float(header.get("z-controller>setpoint")),
+        "setpoint_unit": header.get("z-controller>setpoint unit"),
+        "date": header.get("rec_date"),
+        "time": header.get("rec_time"),
+        "temperature_K": _to_float(header.get("rec_temp")),
+        "acquisition_time_s": _to_float(header.get("acq_time")),
+        "comment": header.get("comment"),
+        "z_unit": unit,
+        "channels": names,
+    }
+    return _Raw(
+        data=data,
+        to_nm=to_nm,
+        pixel_nm=pixel_nm,
+        channel=z_name,
+        direction=want,
+        format="nanonis",
+        meta=meta,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _rhk_module() -> Any:
+    spec = importlib.util.find_spec("spym")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("spym is not installed")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "io" / "rhksm4" / "_sm4.py"
+        if candidate.is_file():
+            module_spec = importlib.util.spec_from_file_location("_stm_defects_rhksm4", candidate)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            return module
+    raise ImportError("spym does not contain io/rhksm4/_sm4.py")
+
+
+def _read_rhk(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    try:
+        sm4 = _rhk_module()
+    except ImportError as exc:
+        raise ScanError(p, f"reading RHK .sm4 files needs the spym package ({exc})") from exc
+    # RHKsm4.__init__ opens the file and only closes it on success: build the
+    # object in two steps so the file is closed when parsing fails.
+    reader = sm4.RHKsm4.__new__(sm4.RHKsm4)
+    try:
+        reader.__init__(os.fspath(p))
+    finally:
+        handle = getattr(reader, "_file", None)
+        if handle is not None:
+            handle.close()
+    pages = list(reader)
+    want = hdir or "forward"
+
+    def page_direction(page: Any) -> str:
+        scan_type = str(page.attrs.get("RHK_ScanTypeName", ""))
+        if scan_type.endswith(("LEFT", "UP")):
+            return "backward"
+        return "forward"
+
+    images = [pg for pg in pages if int(pg.attrs.get("RHK_PageDataType", -1)) == 0]
+    if not images:
+        raise ScanError(p, "no image pages in this file")
+    topo = [
+        pg
+        for pg in images
+        if "TOPOGRAPHIC" in str(pg.attrs.get("RHK_PageTypeName", "")).upper()
+        or "topograph" in str(pg.attrs.get("RHK_Label", "")).lower()
+    ]
+    if not topo:
+        labels = sorted({str(pg.label) for pg in images})
+        raise ScanError(p, f"no Topography page in this file (image pages: {', '.join(labels)})")
+    chosen = [pg for pg in topo if page_direction(pg) == want]
+    if not chosen:
+        have = sorted({page_direction(pg) for pg in topo})
+        raise ScanError(p, f"no {want} Topography page (available: {', '.join(have)})")
+    page = chosen[0]
+    attrs = page.attrs
+
+    counts = np.asarray(page.data)
+    if counts.ndim != 2:
+        raise ScanError(p, f"Topography page has shape {counts.shape}, expected a 2-D image")
+    counts = counts.astype(np.float64)
+    completed = int(attrs.get("RHK_CompletedLineCount", counts.shape[0]) or 0)
+    if 0 < completed < counts.shape[0]:
+        # Lines never scanned are stored as zero counts; mark them before scaling
+        # (the z offset would otherwise turn them into a constant height).
+        counts[np.all(counts == 0, axis=1)] = np.nan
+    data = counts * float(attrs["RHK_Zscale"]) + float(attrs["RHK_Zoffset"])
+    z_unit = str(attrs.get("RHK_Zunits", ""))
+    to_nm = _length_factor(z_unit)
+    xy_factor = _length_factor(str(attrs.get("RHK_Xunits", "")))
+    pixel_nm = pixel_y_nm = None
+    if xy_factor is not None:
+        pixel_nm = abs(float(attrs["RHK_Xscale"])) * xy_factor
+        pixel_y_nm = abs(float(attrs["RHK_Yscale"])) * xy_factor
+    rows, cols = data.shape
+    meta: dict[str, Any] = {
+        "page_label": str(page.label),
+        "scan_type": str(attrs.get("RHK_ScanTypeName", "")),
+        "pixel_x_nm": pixel_nm,
+        "pixel_y_nm": pixel_y_nm,
+        "width_nm": None if pixel_nm is None else pixel_nm * cols,
+        "height_nm": None if pixel_y_nm is None else pixel_y_nm * rows,
+        "bias_V": _to_float(attrs.get("RHK_Bias")),
+        "setpoint_A": _to_float(attrs.get("RHK_Current")),
+        "date": attrs.get("RHK_DateTime") or attrs.get("RHK_Date"),
+        "completed_lines": completed,
+        "z_unit": z_unit,
+        "scan_angle_deg": _to_float(attrs.get("RHK_Angle")),
+        "x_offset_nm": _scaled(attrs.get("RHK_Xoffset"), xy_factor),
+        "y_offset_nm": _scaled(attrs.get("RHK_Yoffset"), xy_factor),
+    }
+    return _Raw(
+        data=data,
+        to_nm=to_nm,
+        pixel_nm=pixel_nm,
+        channel=str(attrs.get("RHK_Label", "Topography")),
+        direction=want,
+        format="rhk",
+        meta=meta,
+    )
+
+
+_HEIGHT_TITLE = re.compile(r"\bz\b|height|topo", re.IGNORECASE)
+_BACKWARD_TITLE = re.compile(r"backward|\bbwd\b|retrace|\bbw\b|\bback\b|\[<-\]|<-", re.IGNORECASE)
+
+
+def _read_gwyddion(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    import gwyfile
+
+    with open(p, "rb") as f:
+        if f.read(4) != b"GWYP":
+            raise ScanError(p, "not a Gwyddion .gwy file (no GWYP header)")
+    obj = gwyfile.load(os.fspath(p))
+    if not isinstance(obj, dict):
+        raise TypeError("top-level object is not a container")
+    channels = []
+    for key, value in obj.items():
+        m = re.fullmatch(r"/(\d+)/data", str(key))
+        if m and getattr(value, "name", "") == "GwyDataField":
+            number = int(m.group(1))
+            title = obj.get(f"/{number}/data/title", f"channel {number}")
+            channels.append((number, str(title), value))
+    if not channels:
+        raise ScanError(p, "no data channel (GwyDataField) in this Gwyddion file")
+    channels.sort(key=lambda c: c[0])
+    heightish = [c for c in channels if _HEIGHT_TITLE.search(c[1])] or channels
+    backward = [c for c in heightish if _BACKWARD_TITLE.search(c[1])]
+    forward = [c for c in heightish if not _BACKWARD_TITLE.search(c[1])]
+    if hdir == "backward":
+        if not backward:
+            raise ScanError(
+                p, "no backward channel in this file (titles: " + ", ".join(c[1] for c in channels) + ")"
+            )
+        number, title, datafield = backward[0]
+    else:
+        number, title, datafield = (forward or heightish)[0]
+    direction = "backward" if _BACKWARD_TITLE.search(title) else "forward"
+
+    data = np.asarray(datafield.data, dtype=np.float64)
+    z_unit = _unitstr(datafield.get("si_unit_z"))
+    xy_unit = _unitstr(datafield.get("si_unit_xy"))
+    to_nm = _length_factor(z_unit)
+    xy_factor = _length_factor(xy_unit)
+    rows, cols = data.shape
+    xreal = float(datafield.get("xreal", 1.0))
+    yreal = float(datafield.get("yreal", 1.0))
+    pixel_nm = pixel_y_nm = None
+    if xy_factor is not None:
+        pixel_nm = xreal * xy_factor / cols
+        pixel_y_nm = yreal * xy_factor / rows
+    meta: dict[str, Any] = {}
+    stored = obj.get(f"/{number}/meta")
+    if isinstance(stored, dict):
+        for key, value in stored.items():
+            meta[str(key)] = value
+    meta.update(
+        {
+            "title": title,
+            "channel_number": number,
+            "z_unit": z_unit,
+            "xy_unit": xy_unit,
+            "pixel_x_nm": pixel_nm,
+            "pixel_y_nm": pixel_y_nm,
+            "width_nm": None if xy_factor is None else xreal * xy_factor,
+            "height_nm": None if xy_factor is None else yreal * xy_factor,
+        }
+    )
+    return _Raw(
+        data=data,
+        to_nm=to_nm,
+        pixel_nm=pixel_nm,
+        channel=title,
+        direction=direction,
+        format="gwyddion",
+        meta=meta,
+    )
+
+
+def _read_spiepy(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    _single_image_only(p, hdir, "SPIEPy .dat")
+    raw = p.read_bytes()
+    if len(raw) < 8:
+        raise ScanError(p, f"truncated SPIEPy .dat file: {len(raw)} bytes, less than its 8-byte header")
+    rows, cols = struct.unpack("<II", raw[:8])
+    if rows == 0 or cols == 0:
+        raise ScanError(p, f"SPIEPy .dat header gives an empty {rows}x{cols} image")
+    expected = 8 + 8 * rows * cols
+    if len(raw) < expected:
+        raise ScanError(
+            p,
+            f"truncated SPIEPy .dat file: header says {rows}x{cols} float64 values "
+            f"({expected} bytes) but the file has {len(raw)} bytes",
+        )
+    if len(raw) > expected:
+        raise ScanError(
+            p,
+            f"file size {len(raw)} bytes does not match the SPIEPy .dat header "
+            f"({rows}x{cols} -> {expected} bytes); not a SPIEPy image file?",
+        )
+    data = np.frombuffer(raw, dtype="<f8", offset=8).reshape(rows, cols)
+    return _Raw(
+        data=data,
+        to_nm=1e9,  # SPIEPy stores heights in metres
+        pixel_nm=None,
+        channel="Z",
+        direction="forward",
+        format="spiepy",
+        meta={"header_shape": [rows, cols]},
+    )
+
+
+def _read_npy(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    _single_image_only(p, hdir, ".npy")
+    with open(p, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ScanError(p, "not a NumPy .npy file (no NumPy header)")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise ScanError(p, "the .npy file holds Python objects, not a numeric image") from exc
+        raise
+    return _Raw(
+        data=data,
+        to_nm=None,
+        pixel_nm=None,
+        channel="image",
+        direction="forward",
+        format="npy",
+        meta={"dtype": str(data.dtype)},
+    )
+
+
+def _read_tiff(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    import tifffile
+
+    _single_image_only(p, hdir, "TIFF")
+    data = np.asarray(tifffile.imread(os.fspath(p)))
+    meta = {"dtype": str(data.dtype), "stored_shape": list(data.shape)}
+    while data.ndim > 2 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim == 3 and data.shape[-1] in (3, 4):
+        data = _luminance(data[..., :3])
+        meta["converted"] = "RGB to luminance"
+    elif data.ndim == 3 and data.shape[-1] == 2:  # grey + alpha
+        data = data[..., 0]
+    return _Raw(
+        data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format="tiff", meta=meta
+    )
+
+
+def _read_png(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    from PIL import Image
+
+    _single_image_only(p, hdir, "PNG")
+    with Image.open(p) as img:
+        img.load()
+        mode = img.mode
+        meta: dict[str, Any] = {"mode": mode}
+        if mode in ("L", "I", "F") or mode.startswith("I;16"):
+            data = np.array(img)
+        elif mode == "1":
+            data = np.array(img, dtype=np.uint8)
+        elif mode == "LA":
+            data = np.array(img.getchannel("L"))
+        else:  # palette, RGB(A), CMYK, ...
+            data = _luminance(np.array(img.convert("RGB")))
+            meta["converted"] = f"{mode} to luminance"
+    return _Raw(
+        data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format="png", meta=meta
+    )
+
+
+_READERS: dict[str, tuple[Callable[[Path, str | None, str | None], _Raw], str]] = {
+    ".z_mtrx": (_read_matrix, "Matrix .Z_mtrx"),
+    ".sxm": (_read_nanonis, "Nanonis .sxm"),
+    ".sm4": (_read_rhk, "RHK .sm4"),
+    ".gwy": (_read_gwyddion, "Gwyddion .gwy"),
+    ".dat": (_read_spiepy, "SPIEPy .dat"),
+    ".npy": (_read_npy, ".npy"),
+    ".tif": (_read_tiff, "TIFF"),
+    ".tiff": (_read_tiff, "TIFF"),
+    ".png": (_read_png, "PNG"),
+}
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _parse_direction(direction: str | None) -> tuple[str | None, str | None]:
+    """Split a direction string into (forward|backward|None, up|down|None)."""
+    if direction is None:
+        return None, None
+    text = str(direction).strip().lower()
+    if not text:
+        return None, None
+    horizontal = vertical = None
+    for token in re.split(r"[\s/_,;:+\-]+", text):
+        if not token:
+            continue
+        if token in _H_WORDS and horizontal is None:
+            horizontal = _H_WORDS[token]
+        elif token in _V_WORDS and vertical is None:
+            vertical = _V_WORDS[token]
+        else:
+            raise ValueError(f"unknown direction {direction!r}; {_DIRECTION_HELP}")
+    return horizontal, vertical
+
+
+def _single_image_only(p: Path, hdir: str | None, label: str) -> None:
+    if hdir == "backward":
+        raise ScanError(p, f"{label} files hold a single image; there is no backward direction")
+
+
+def _length_factor(unit: Any) -> float | None:
+    """Factor from ``unit`` to nanometres, or None when it is not a length unit."""
+    if unit is None:
+        return None
+    # "A" is ampere (not angstrom): lower-cased it is not a key of the table.
+    return _LENGTH_TO_NM.get(str(unit).strip().lower())
+
+
+def _unitstr(unit: Any) -> str:
+    if unit is None:
+        return ""
+    if isinstance(unit, dict):
+        return str(unit.get("unitstr", "") or "")
+    return str(unit)
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb, dtype=np.float64)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _to_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    try:
+        out = float(str(value).split()[0]) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _scaled(value: Any, factor: float | None) -> float | None:
+    number = _to_float(value)
+    if number is None or factor is None:
+        return None
+    return number * factor
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _describe(exc: BaseException) -> str:
+    text = _one_line(exc)
+    name = type(exc).__name__
+    if not text:
+        return name
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{name}: {text}"
+
+
+def _display_extensions() -> list[str]:
+    return [".Z_mtrx" if e == ".z_mtrx" else e for e in SCAN_EXTENSIONS]
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-serialisable copy of ``value`` (numpy scalars unwrapped, NaN -> None)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        if value.size <= 64:
+            return _jsonable(value.tolist())
+        return f"<array {value.dtype} {value.shape}>"
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)

@@ -1,0 +1,420 @@
+"""MLflow: the only module that imports it. Runs, the model registry, promotion and loading.
+
+Store: SQLite at `<repo>/mlruns/mlflow.db` with artifacts in `<repo>/mlruns/artifacts` (the plain
+file store is refused by MLflow 3). `MLFLOW_TRACKING_URI` overrides it (tests, shared servers).
+
+Grouping: every stage run is a nested child of one parent run per pipeline execution. The parent
+is found by the `pipeline_key` tag: `STM_PIPELINE_RUN` when set (`make run` sets one per
+execution), else a hash of the git commit and the resolved params.
+
+Lineage: every model version is tagged with `git_commit`, `params_hash`, `data_version`,
+`sha256` (of the checkpoint / pickled estimator) and, for models built on AE1, `ae1_version`.
+Stages are MLflow aliases (`production`, `staging`) plus a `stage` tag (also `Archived`), since
+registry stages are deprecated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES = {"ae1": "stm-ae1", "kmeans": "stm-kmeans", "ae2": "stm-ae2", "gmm": "stm-gmm"}
+STAGES = {"production": "Production", "staging": "Staging", "archived": "Archived"}
+PIP_REQUIREMENTS = ["torch==2.13.0", "scikit-learn", "numpy", "stm-defects"]
+
+
+class TrackingError(RuntimeError):
+    """A registry problem the user can fix (nothing promoted, unknown version, lineage mismatch)."""
+
+
+# ------------------------------------------------------------------------------------ store
+def repo_root(start: str | Path | None = None) -> Path:
+    """The project root: `STM_REPO_ROOT`, else the nearest folder above with a dvc.yaml."""
+    if os.environ.get("STM_REPO_ROOT"):
+        return Path(os.environ["STM_REPO_ROOT"]).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").is_file():
+            return d
+    return here
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = root or repo_root()
+    (root / "mlruns").mkdir(exist_ok=True)
+    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+def _mlflow():
+    import mlflow
+
+    for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return mlflow
+
+
+def connect(experiment: str = "stm-defects", root: Path | None = None):
+    """Point MLflow at the project store; create the experiment (artifacts under mlruns/)."""
+    mlflow = _mlflow()
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            artifacts = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+        mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment)
+    return mlflow
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_version(path: str | Path) -> str:
+    """DVC's hash of a data folder from dvc.lock when DVC tracks it, else a content hash."""
+    path = Path(path)
+    lock = repo_root() / "dvc.lock"
+    if lock.is_file():
+        import yaml
+
+        try:
+            rel = str(path.resolve().relative_to(repo_root()))
+        except ValueError:
+            rel = None
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for out in stage.get("outs", []):
+                if rel and out.get("path") == rel and out.get("md5"):
+                    return f"dvc:{out['md5']}"
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        h.update(file_sha256(f).encode())
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+# ------------------------------------------------------------------------------------ runs
+class Tracker:
+    """Logs one stage as a nested run of its pipeline execution. A no-op when `enabled` is False."""
+
+    def __init__(self, params, stage: str, enabled: bool = True):
+        self.params, self.stage, self.enabled = params, stage, enabled
+        self.mlflow = None
+        self.run_id = None
+        self.parent_id = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        mlflow = self.mlflow = connect(self.params.tracking.experiment)
+        key = os.environ.get("STM_PIPELINE_RUN") or f"{git_commit()[:12]}-{self.params.digest()}"
+        exp = mlflow.get_experiment_by_name(self.params.tracking.experiment)
+        found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.pipeline_key = '{key}' "
+                                   "and tags.kind = 'pipeline'", max_results=1, output_format="list")
+        if found:
+            self.parent_id = found[0].info.run_id
+        else:
+            parent = mlflow.MlflowClient().create_run(
+                exp.experiment_id, run_name=f"pipeline {key}",
+                tags={"pipeline_key": key, "kind": "pipeline", "profile": self.params.profile,
+                      "git_commit": git_commit(), "params_hash": self.params.digest()})
+            self.parent_id = parent.info.run_id
+        run = mlflow.start_run(run_name=self.stage, nested=True, parent_run_id=self.parent_id,
+                               tags={"stage": self.stage, "kind": "stage", "pipeline_key": key,
+                                     "profile": self.params.profile, "git_commit": git_commit(),
+                                     "params_hash": self.params.digest()})
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.enabled and self.mlflow is not None:
+            self.mlflow.end_run("FAILED" if exc_type else "FINISHED")
+        return False
+
+    # -- logging helpers; each ignores calls when disabled
+    def params_of(self, *sections: str) -> None:
+        if not self.enabled:
+            return
+        flat = {}
+        for s in sections:
+            value = getattr(self.params, s)
+            items = value.__dict__.items() if hasattr(value, "__dict__") else [("", value)]
+            for k, v in items:
+                flat[f"{s}.{k}" if k else s] = str(v)[:500]
+        self.mlflow.log_params(flat)
+
+    def metrics(self, metrics: dict, prefix: str = "", step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        clean = {}
+        for k, v in metrics.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if v == v and abs(v) != float("inf"):       # MLflow rejects NaN/inf
+                clean[f"{prefix}{k}"] = float(v)
+        if clean:
+            self.mlflow.log_metrics(clean, step=step)
+
+    def history(self, history: dict, prefix: str) -> None:
+        if not self.enabled:
+            return
+        for i, (t, v) in enumerate(zip(history["train_loss"], history["val_loss"])):
+            self.mlflow.log_metrics({f"{prefix}train_loss": t, f"{prefix}val_loss": v}, step=i)
+
+    def artifacts(self, *paths: str | Path, folder: str | None = None) -> None:
+        if not self.enabled:
+            return
+        for p in paths:
+            if Path(p).is_file():
+                self.mlflow.log_artifact(str(p), artifact_path=folder)
+
+    def tags(self, tags: dict) -> None:
+        if self.enabled:
+            self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def register(self, key: str, model, sha256: str, extra_tags: dict | None = None) -> int | None:
+        """Log `model` as an MLflow model and register a new version of `MODEL_NAMES[key]`."""
+        if not (self.enabled and self.params.tracking.register):
+            return None
+        mlflow = self.mlflow
+        name = MODEL_NAMES[key]
+        if key in ("ae1", "ae2"):
+            import mlflow.pytorch
+
+            info = mlflow.pytorch.log_model(model.eval(), name=key, serialization_format="pickle",
+                                            pip_requirements=PIP_REQUIREMENTS, registered_model_name=name)
+        else:
+            import mlflow.sklearn
+
+            info = mlflow.sklearn.log_model(model, name=key, pip_requirements=PIP_REQUIREMENTS,
+                                            serialization_format="cloudpickle",
+                                            registered_model_name=name)
+        version = int(info.registered_model_version)
+        tags = {"git_commit": git_commit(), "params_hash": self.params.digest(), "sha256": sha256,
+                "pipeline_run_id": self.parent_id, "run_id": self.run_id, "profile": self.params.profile,
+                **(extra_tags or {})}
+        client = mlflow.MlflowClient()
+        for k, v in tags.items():
+            client.set_model_version_tag(name, str(version), k, str(v))
+        self.tags({f"registered.{key}": f"{name}/{version}"})
+        log.info("registered %s version %d", name, version)
+        return version
+
+
+def version_by_sha(key: str, sha256: str) -> int | None:
+    """The registered version of `key` whose file hash is `sha256` (newest first)."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    try:
+        found = client.search_model_versions(f"name = '{MODEL_NAMES[key]}' and tags.sha256 = '{sha256}'")
+    except Exception:  # noqa: BLE001 - no such model yet
+        return None
+    return max((int(v.version) for v in found), default=None)
+
+
+# ------------------------------------------------------------------------------- promotion
+def _client(experiment: str = "stm-defects"):
+    return connect(experiment).MlflowClient()
+
+
+def stage_of(client, name: str, version: str) -> str:
+    v = client.get_model_version(name, version)
+    return v.tags.get("stage", "None")
+
+
+def resolve_version(client, key: str, version: str | int):
+    name = MODEL_NAMES.get(key)
+    if name is None:
+        raise TrackingError(f"unknown model {key!r}; known: {', '.join(MODEL_NAMES)}")
+    try:
+        return client.get_model_version(name, str(version))
+    except Exception:  # noqa: BLE001 - MLflow raises its own RestException
+        raise TrackingError(f"{name} has no version {version}") from None
+
+
+def lineage_set(client, gmm_version) -> dict:
+    """The (ae1, kmeans, ae2, gmm) versions a GMM version was built on, from its tags."""
+    tags = gmm_version.tags
+    out = {"gmm": int(gmm_version.version)}
+    for key in ("ae1", "kmeans", "ae2"):
+        if f"{key}_version" not in tags:
+            raise TrackingError(f"{MODEL_NAMES['gmm']} v{gmm_version.version} has no {key}_version tag")
+        out[key] = int(tags[f"{key}_version"])
+    return out
+
+
+def check_lineage(client, versions: dict) -> list[str]:
+    """Problems with a set of versions: models built on another AE1 than the one in the set."""
+    problems = []
+    ae1 = str(versions["ae1"])
+    for key in ("kmeans", "ae2", "gmm"):
+        if key not in versions:
+            continue
+        v = resolve_version(client, key, versions[key])
+        built_on = v.tags.get("ae1_version")
+        if built_on != ae1:
+            problems.append(f"{MODEL_NAMES[key]} v{versions[key]} was built on {MODEL_NAMES['ae1']} "
+                            f"v{built_on}, not v{ae1}")
+    return problems
+
+
+def promote(versions: dict, stage: str, force: bool = False, experiment: str = "stm-defects") -> dict:
+    """Move `versions` ({key: version}) to `stage` (Production, Staging or Archived)."""
+    alias = stage.lower()
+    if alias not in STAGES:
+        raise TrackingError(f"unknown stage {stage!r}; use Production, Staging or Archived")
+    client = _client(experiment)
+    for key, v in versions.items():
+        resolve_version(client, key, v)
+    if alias != "archived" and "ae1" in versions and len(versions) > 1 and not force:
+        problems = check_lineage(client, versions)
+        if problems:
+            raise TrackingError("refusing an inconsistent set: " + "; ".join(problems) + " (use --force)")
+    for key, v in versions.items():
+        name = MODEL_NAMES[key]
+        if alias != "archived":
+            rm = client.get_registered_model(name)
+            old = rm.aliases.get(alias)
+            if old is not None and str(old) != str(v):
+                client.set_model_version_tag(name, str(old), "stage", "Archived")
+            client.set_registered_model_alias(name, alias, str(v))
+        else:
+            for a, holder in client.get_registered_model(name).aliases.items():
+                if str(holder) == str(v):
+                    client.delete_registered_model_alias(name, a)
+        client.set_model_version_tag(name, str(v), "stage", STAGES[alias])
+    return versions
+
+
+def pipeline_set(run: str = "latest", experiment: str = "stm-defects") -> dict:
+    """The model set of one pipeline execution: the GMM it registered and that GMM's lineage."""
+    mlflow = connect(experiment)
+    client = mlflow.MlflowClient()
+    try:
+        gmms = client.search_model_versions(f"name = '{MODEL_NAMES['gmm']}'")
+    except Exception:  # noqa: BLE001
+        gmms = []
+    if run != "latest":
+        gmms = [v for v in gmms if v.tags.get("pipeline_run_id") == run or v.run_id == run]
+    if not gmms:
+        where = "any pipeline run" if run == "latest" else f"pipeline run {run}"
+        raise TrackingError(f"no registered {MODEL_NAMES['gmm']} version from {where} (run `make run` first)")
+    newest = max(gmms, key=lambda v: int(v.version))
+    return lineage_set(client, newest)
+
+
+def list_models(experiment: str = "stm-defects") -> list[dict]:
+    client = _client(experiment)
+    rows = []
+    for key, name in MODEL_NAMES.items():
+        try:
+            versions = client.search_model_versions(f"name = '{name}'")
+        except Exception:  # noqa: BLE001
+            continue
+        aliases = {}
+        try:
+            for a, v in client.get_registered_model(name).aliases.items():
+                aliases.setdefault(str(v), []).append(a)
+        except Exception:  # noqa: BLE001
+            pass
+        for v in sorted(versions, key=lambda v: int(v.version)):
+            metrics = {}
+            if v.run_id:
+                try:
+                    metrics = client.get_run(v.run_id).data.metrics
+                except Exception:  # noqa: BLE001
+                    pass
+            rows.append({"model": name, "version": int(v.version), "stage": v.tags.get("stage", "None"),
+                         "aliases": aliases.get(str(v.version), []),
+                         "ae1_version": v.tags.get("ae1_version", ""),
+                         "metrics": {k: metrics[k] for k in sorted(metrics) if not k.startswith("epoch")}})
+    return rows
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_registered(stage: str = "Production", experiment: str = "stm-defects"):
+    """A `pipeline.Models` from the registry versions that hold `stage`'s alias."""
+    from .pipeline import Models
+
+    alias = stage.lower()
+    if alias not in ("production", "staging"):
+        raise TrackingError(f"can only predict with Production or Staging models, not {stage!r}")
+    mlflow = connect(experiment)
+    import mlflow.pytorch
+    import mlflow.sklearn
+
+    client = mlflow.MlflowClient()
+    loaded, versions = {}, {}
+    for key, name in MODEL_NAMES.items():
+        try:
+            mv = client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001
+            raise TrackingError(f"no {name} version is in {STAGES[alias]} yet: run `stm promote --run latest "
+                                f"--model-stage {STAGES[alias]}` after `make run`") from None
+        uri = f"models:/{name}@{alias}"
+        flavour = mlflow.pytorch if key in ("ae1", "ae2") else mlflow.sklearn
+        loaded[key] = flavour.load_model(uri)
+        versions[key] = {"name": name, "version": int(mv.version), "stage": STAGES[alias]}
+        if key == "gmm":
+            gmm_tags = mv.tags
+    calibration = json.loads(gmm_tags.get("calibration", "{}"))
+    class_names = json.loads(gmm_tags.get("class_names", "{}"))
+    models = Models(ae1=loaded["ae1"].eval(), kmeans=loaded["kmeans"], ae2=loaded["ae2"].eval(),
+                    gmm=loaded["gmm"], calibration=calibration, versions=versions, class_names=class_names)
+    return models
+
+
+def set_class_names(names: dict, version: str | int | None = None, experiment: str = "stm-defects") -> int:
+    """Store class id -> name on a GMM version (default: the Production one)."""
+    client = _client(experiment)
+    name = MODEL_NAMES["gmm"]
+    if version is None:
+        try:
+            version = client.get_model_version_by_alias(name, "production").version
+        except Exception:  # noqa: BLE001
+            raise TrackingError(f"no {name} version in Production; give --version") from None
+    mv = resolve_version(client, "gmm", version)
+    current = json.loads(mv.tags.get("class_names", "{}"))
+    current.update({str(k): v for k, v in names.items()})
+    client.set_model_version_tag(name, str(version), "class_names", json.dumps(current))
+    return int(version)
+
+
+@contextlib.contextmanager
+def temporary_store():
+    """A throwaway MLflow store (tests, `stm train` without tracking)."""
+    with tempfile.TemporaryDirectory() as d:
+        old = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
+        try:
+            yield d
+        finally:
+            if old is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = old
