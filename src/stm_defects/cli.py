@@ -46,10 +46,11 @@ def user_errors(fn):
         from .config import ConfigError
         from .scans import ScanError
         from .stages import StageError
+        from .tracking import TrackingError
 
         try:
             return fn(*args, **kwargs)
-        except (ScanError, ConfigError, StageError) as err:
+        except (ScanError, ConfigError, StageError, TrackingError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
 
@@ -286,12 +287,63 @@ def evaluate(
                    f"step-edge FP/scan {s['step_edge_fp_mean']:.2f}  AUROC {s['auroc_mean']:.3f}")
 
 
+@app.command()
+@user_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Folder of your own scans (any supported format).")],
+    out: Annotated[Path, typer.Option(help="Working folder for this training run.")] = Path("runs/own"),
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    track: TrackOpt = True,
+):
+    """Train the whole pipeline on a folder of scans, outside DVC (same code as the stages)."""
+    import os
+    import time
+
+    from . import stages
+    from .tracking import Tracker
+
+    p = _params(params, profile)
+    os.environ.setdefault("STM_PIPELINE_RUN", f"train-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    m = out / "models"
+    steps = []
+    with Tracker(p, "validate", enabled=track) as tr:
+        v = stages.validate(p, data, out / "validated")
+        tr.metrics(v)
+    steps.append(f"validated: {v['n_passed']} passed, {v['n_quarantined']} quarantined")
+    prep = stages.prepare(p, data, out / "validated" / "summary.json", out / "prepared")
+    steps.append(f"prepared: {prep}")
+    patches, manifest = out / "prepared" / "train_patches.npz", out / "prepared" / "manifest.json"
+    with Tracker(p, "train_ae1", enabled=track) as tr:
+        stages.train_autoencoder(p, "ae1", patches, m / "ae1", on_epoch=_epoch_logger("AE1"), tracker=tr)
+    with Tracker(p, "kmeans", enabled=track) as tr:
+        stages.cluster_general(p, m / "ae1" / "model.pt", patches, m / "kmeans", tracker=tr)
+    with Tracker(p, "defects", enabled=track) as tr, _progress(prep["train"], "defect masks") as bar:
+        d = stages.defects(p, data, manifest, m, out / "defects", m / "calibration.json",
+                           progress=bar.update, tracker=tr)
+    with Tracker(p, "train_ae2", enabled=track) as tr:
+        stages.train_autoencoder(p, "ae2", out / "defects" / "patches.npz", m / "ae2",
+                                 on_epoch=_epoch_logger("AE2"), tracker=tr, ae1_path=m / "ae1" / "model.pt")
+    with Tracker(p, "gmm", enabled=track) as tr:
+        g = stages.cluster_defects(p, m / "ae2" / "model.pt", out / "defects" / "patches.npz", m / "gmm",
+                                   tracker=tr, lineage={"ae1": m / "ae1" / "model.pt",
+                                                        "kmeans": m / "kmeans" / "kmeans.joblib",
+                                                        "calibration": m / "calibration.json"})
+    for line in steps:
+        typer.echo(line)
+    typer.echo(f"{d['n_defect_patches']} defect patches; GMM k={g['k']} ({g['covariance_type']})")
+    typer.echo(f"models in {m}: predict with `stm predict SCANS --models {m}`"
+               + (" or promote them with `stm promote --run latest`" if track else ""))
+
+
 # ---------------------------------------------------------------------------------- predict
 @app.command()
 @user_errors
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Scan files or folders.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs/predict"),
+    model_stage: Annotated[str, typer.Option(
+        help="Registry stage to predict with: Production or Staging.")] = "Production",
     models: Annotated[Optional[Path], typer.Option(
         help="Use models from this local folder (ae1/, kmeans/, ae2/, gmm/) instead of the registry.")] = None,
     direction: Annotated[Optional[str], typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
@@ -308,7 +360,12 @@ def predict(
     if not files:
         typer.echo(f"error: no scans found in {', '.join(map(str, paths))}", err=True)
         raise typer.Exit(1)
-    bundle = stages.load_models(models or Path("models"))
+    if models is not None:
+        bundle = stages.load_models(models)
+    else:
+        from .tracking import load_registered
+
+        bundle = load_registered(model_stage, p.tracking.experiment)
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     with _progress(len(files), "predict") as bar:
@@ -327,6 +384,84 @@ def predict(
         for line in failed:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------- registry / UI
+@app.command()
+@user_errors
+def promote(
+    model: Annotated[Optional[str], typer.Argument(help="ae1, kmeans, ae2 or gmm (with VERSION).")] = None,
+    version: Annotated[Optional[int], typer.Argument(help="Version of MODEL to promote.")] = None,
+    run: Annotated[Optional[str], typer.Option(
+        help="Promote the model set of a pipeline run: `latest` or a parent RUN_ID.")] = None,
+    model_stage: Annotated[str, typer.Option(help="Production, Staging or Archived.")] = "Production",
+    force: Annotated[bool, typer.Option(help="Promote even if the set's lineage does not match.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Promote one model version, or the consistent set of one pipeline run, to a stage."""
+    from .tracking import TrackingError, pipeline_set
+    from .tracking import promote as do_promote
+
+    experiment = _params(params).tracking.experiment
+    if run is not None and model is None:
+        versions = pipeline_set(run, experiment)
+    elif model is not None and version is not None and run is None:
+        versions = {model: version}
+    else:
+        raise TrackingError("give either --run latest|RUN_ID, or MODEL VERSION (e.g. `stm promote ae1 3`)")
+    done = do_promote(versions, model_stage, force=force, experiment=experiment)
+    typer.echo(f"{model_stage}: " + ", ".join(f"{k} v{v}" for k, v in done.items()))
+
+
+@app.command("models")
+@user_errors
+def list_models_cmd(params: ParamsOpt = Path("params.yaml")):
+    """Registered models: versions, stage, lineage and key metrics."""
+    from .tracking import list_models
+
+    rows = list_models(_params(params).tracking.experiment)
+    if not rows:
+        typer.echo("no registered models yet (run `make run`)")
+        return
+    for r in rows:
+        keys = [k for k in r["metrics"] if k.endswith(("best_val_loss", "silhouette", "bic", "_k"))][:4]
+        metrics = "  ".join(f"{k}={r['metrics'][k]:.4g}" for k in keys)
+        built = f" on ae1 v{r['ae1_version']}" if r["ae1_version"] else ""
+        typer.echo(f"{r['model']:11s} v{r['version']:<3d} {r['stage']:10s}{built:12s} {metrics}")
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+):
+    """Start the MLflow UI on 127.0.0.1 against mlruns/ (Ctrl-C stops it)."""
+    import subprocess
+
+    from .tracking import tracking_uri
+
+    uri = tracking_uri()
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (store {uri})")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    try:
+        raise typer.Exit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command("name-class")
+@user_errors
+def name_class(
+    class_id: Annotated[int, typer.Argument(help="Defect class id (as in predictions).")],
+    name: Annotated[str, typer.Argument(help="A name, e.g. dimer_vacancy.")],
+    version: Annotated[Optional[int], typer.Option(help="GMM version (default: Production).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Attach a name to a defect class; stored with the clusterer version in the registry."""
+    from .tracking import set_class_names
+
+    v = set_class_names({class_id: name}, version, _params(params).tracking.experiment)
+    typer.echo(f"class {class_id} of stm-gmm v{v} is now named {name!r}")
 
 
 @app.command()

@@ -176,7 +176,9 @@ def _seeds(seed: int, n: int) -> list[int]:
     return [int(s) & 0x7FFF_FFFF_FFFF_FFFF for s in state]
 
 
-def _batch(arr: np.ndarray, idx: torch.Tensor | slice, device: torch.device, channels_last: bool) -> torch.Tensor:
+def _batch(
+    arr: np.ndarray, idx: torch.Tensor | slice, device: torch.device, channels_last: bool
+) -> torch.Tensor:
     if isinstance(idx, torch.Tensor):
         idx = idx.numpy()
     xb = torch.from_numpy(np.ascontiguousarray(arr[idx]))

@@ -284,9 +284,7 @@ def keras_parameter_count(model: nn.Module) -> int:
     return n
 
 
-def build_autoencoder(
-    cfg: AEConfig | Mapping[str, Any] | str, seed: int | None = None
-) -> ConvAutoencoder:
+def build_autoencoder(cfg: AEConfig | Mapping[str, Any] | str, seed: int | None = None) -> ConvAutoencoder:
     """Build from a config, a mapping (see :meth:`AEConfig.from_dict`) or a profile name.
 
     If ``seed`` is given, weight initialisation is reproducible; the global
