@@ -165,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of " + ",".join(VARIANTS) + " (empty: skip throughput)",
     )
     ap.add_argument("--accuracy", action="store_true", help="also compare bf16 vs fp32 training accuracy")
     ap.add_argument("--epochs", type=int, default=6, help="epochs for --accuracy")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     profile = {"slim": "ae1_slim", "paper": "ae1_paper"}.get(args.profile, args.profile)
     device = resolve_device(args.device)
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if not bf16_supported(device):
         print("note: bf16 autocast not supported on this device; bf16 rows run in fp32")
     print(f"{'variant':<10} {'train patches/s':>16} {'infer patches/s':>16}")
-    for name in args.variants.split(","):
+    for name in [v for v in args.variants.split(",") if v]:
         train, infer = bench_variant(
             profile, x, args.batch, str(device), repeats=args.repeats, **VARIANTS[name]
         )

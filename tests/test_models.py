@@ -18,6 +18,16 @@ from stm_defects.models import (
     set_dropout_generator,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread avoids OpenMP barrier stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Report, Appendix A, Table 1 (Keras count, BN moving mean/variance included).
 AE1_PAPER_KERAS_PARAMS = 3_488_289
 # 768 BN channels (128 + 256 + 256 + 128); torch keeps 2 of Keras' 4 per channel as buffers.
@@ -120,6 +130,7 @@ def _blobs(n: int, s: int = 32, seed: int = 0) -> torch.Tensor:
     c = torch.rand(n, 2, 1, 1, generator=g) * (s - 12) + 6
     w = torch.rand(n, 1, 1, generator=g) * 4 + 2
     img = torch.exp(-((yy - c[:, 0]) ** 2 + (xx - c[:, 1]) ** 2) / (2 * w**2))
+    img = torch.where(img < 1e-4, 0.0, img)  # no denormals (they make CPU kernels crawl)
     return img[:, None].float()
 
 

@@ -16,6 +16,15 @@ from stm_defects.training import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread avoids OpenMP barrier stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _data(n: int = 192, s: int = 32, seed: int = 0) -> np.ndarray:
     """Smooth random blobs in [0, 1] (learnable, unlike white noise)."""
     rng = np.random.default_rng(seed)
@@ -59,7 +68,7 @@ def test_fit_is_deterministic_and_leaves_global_rng_alone():
     for _ in range(2):
         model = build_autoencoder("ae1_slim", seed=0)
         calls = []
-        hist = fit_autoencoder(model, x, FAST, seed=7, on_epoch=lambda *a: calls.append(a))
+        hist = fit_autoencoder(model, x, FAST, seed=7, on_epoch=lambda *a, c=calls: c.append(a))
         runs.append((hist, model.state_dict(), calls))
     assert torch.equal(torch.get_rng_state(), rng_state)
     (h1, s1, c1), (h2, s2, c2) = runs
@@ -150,6 +159,8 @@ def test_inference_helpers():
     r = reconstruct(model, x, batch_size=32, device="cpu")
     z2, r2 = encode_and_reconstruct(model, x, batch_size=1000, device="cpu", channels_last=False)
     assert model.training  # mode restored
+    conv = model.encoder[4].weight  # (32, 16, 3, 3): NCHW again after channels_last inference
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
     assert z.shape == (70, 8) and z.dtype == np.float32
     assert r.shape == (70, 1, 32, 32) and r.dtype == np.float32
     np.testing.assert_allclose(z, z2, rtol=1e-4, atol=1e-5)
@@ -165,3 +176,15 @@ def test_inference_helpers():
     zb = encode(model, x[:16], device="cpu", bf16=True)
     rel = np.linalg.norm(zb - z[:16], axis=1) / np.linalg.norm(z[:16], axis=1)
     assert rel.max() < 0.05
+
+
+def test_trained_model_checkpoint_round_trip(tmp_path):
+    from stm_defects.models import load_checkpoint, save_checkpoint
+
+    x = _data(64)
+    model = build_autoencoder("ae1_slim", seed=0)
+    hist = fit_autoencoder(model, x, TrainConfig(epochs=1, batch_size=32, device="cpu"), seed=0)
+    save_checkpoint(tmp_path / "ae.pt", model, extra={"history": hist.to_dict()})
+    loaded, meta = load_checkpoint(tmp_path / "ae.pt")
+    assert meta["history"]["train_loss"] == hist.train_loss
+    np.testing.assert_array_equal(encode(loaded, x, device="cpu"), encode(model, x, device="cpu"))

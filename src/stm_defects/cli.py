@@ -53,6 +53,9 @@ def user_errors(fn):
         except (ScanError, ConfigError, StageError, TrackingError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
+        except FileNotFoundError as err:
+            typer.echo(f"error: {err.filename or err}: file not found", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -89,7 +92,6 @@ def info(
             s = read_scan(f, direction=direction)
         except ScanError as err:
             failed.append(str(err))
-            typer.echo(f"FAILED {err}", err=True)
             continue
         h = s.height
         px = f"{s.pixel_nm:.4g} nm/px" if s.pixel_nm else "pixel size unknown"
@@ -97,11 +99,20 @@ def info(
             s.original_shape and tuple(s.original_shape) != h.shape) else ""
         typer.echo(f"{f}: {s.format} {h.shape[0]}x{h.shape[1]}{crop} {px} channel={s.channel} "
                    f"direction={s.direction} height {h.min():.4g}..{h.max():.4g} {s.unit}")
-    if failed:
-        typer.echo(f"{len(failed)} of {len(files)} file(s) failed:", err=True)
+    report_failures(failed, len(files))
+
+
+def report_failures(failed: list[str], n_files: int) -> None:
+    """One line for a single bad file; for a batch, the list of bad files at the end. Exit 1."""
+    if not failed:
+        return
+    if n_files == 1:
+        typer.echo(f"error: {failed[0]}", err=True)
+    else:
+        typer.echo(f"{len(failed)} of {n_files} file(s) failed:", err=True)
         for line in failed:
             typer.echo(f"  {line}", err=True)
-        raise typer.Exit(1)
+    raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------------- data stages
@@ -374,16 +385,12 @@ def predict(
                 rows.append(predict_scan(f, bundle, p, out, direction=direction))
             except ScanError as err:
                 failed.append(str(err))
-                bar.write(f"FAILED {err}", file=sys.stderr)
             bar.update(1)
-    write_summary(rows, out / "summary.csv")
-    typer.echo(f"{len(rows)} scan(s), {sum(r['n_defects'] for r in rows)} defects -> {out} "
-               f"(summary {out / 'summary.csv'})")
-    if failed:
-        typer.echo(f"{len(failed)} of {len(files)} file(s) failed:", err=True)
-        for line in failed:
-            typer.echo(f"  {line}", err=True)
-        raise typer.Exit(1)
+    if rows:
+        write_summary(rows, out / "summary.csv")
+        typer.echo(f"{len(rows)} scan(s), {sum(r['n_defects'] for r in rows)} defects -> {out} "
+                   f"(summary {out / 'summary.csv'})")
+    report_failures(failed, len(files))
 
 
 # -------------------------------------------------------------------------- registry / UI
@@ -435,6 +442,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ):
     """Start the MLflow UI on 127.0.0.1 against mlruns/ (Ctrl-C stops it)."""
+    import os
     import subprocess
 
     from .tracking import tracking_uri
@@ -443,8 +451,9 @@ def ui(
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (store {uri})")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job workers
     try:
-        raise typer.Exit(subprocess.call(cmd))
+        raise typer.Exit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 

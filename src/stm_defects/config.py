@@ -97,6 +97,7 @@ class MapsParams:
     char_stride: int = 4
     error_stride: int = 16
     error_sigma: float = 2.0
+    dense: bool = False              # share the encoder's conv trunk across windows (src/stm_defects/dense.py)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 from .maps import character_map, error_map
 from .masks import defect_mask, defect_regions, mask_centres
 from .training import encode, reconstruct
-from .windows import vote_map, windows_at
+from .windows import vote_map, window_origins, windows_at
 
 
 @dataclass
@@ -55,8 +55,15 @@ def mask_config(params, calibration: dict):
 def stage1_maps(img01: np.ndarray, models: Models, params) -> tuple[np.ndarray, np.ndarray]:
     """(character map, error map) of one image."""
     size = params.prepare.patch
-    cmap, _, _ = character_map(img01, lambda p: encode(models.ae1, p), models.kmeans,
-                               size=size, stride=params.maps.char_stride)
+    if params.maps.dense:
+        from .dense import encode_windows
+
+        origins = window_origins(img01.shape, size, params.maps.char_stride)
+        labels = models.kmeans.predict(encode_windows(models.ae1, img01, origins, size))
+        cmap = vote_map(labels, origins, img01.shape, size, int(models.kmeans[-1].n_clusters))
+    else:
+        cmap, _, _ = character_map(img01, lambda p: encode(models.ae1, p), models.kmeans,
+                                   size=size, stride=params.maps.char_stride)
     emap = error_map(img01, lambda p: reconstruct(models.ae1, p), size=size,
                      stride=params.maps.error_stride, sigma=params.maps.error_sigma)
     return cmap, emap

@@ -96,7 +96,8 @@ def validate(params: Params, raw_dir: str | Path, out_dir: str | Path) -> dict:
 
     raw_dir, out = Path(raw_dir), fresh_dir(out_dir)
     rows, quarantined = [], {}
-    for path in find_scans(scan_folders(raw_dir)):
+    files = find_scans(scan_folders(raw_dir))
+    for path in files:
         name = str(path.relative_to(raw_dir))
         try:
             rows.append(scan_stats(name, read_scan(path)))
@@ -109,7 +110,7 @@ def validate(params: Params, raw_dir: str | Path, out_dir: str | Path) -> dict:
         quarantined.setdefault(name, []).extend(reasons)
     passed = sorted(r["scan"] for r in rows if r["scan"] not in quarantined)
     summary = {
-        "n_scans": len(rows) + sum(1 for q in quarantined if q not in {r["scan"] for r in rows}),
+        "n_scans": len(files),
         "n_passed": len(passed),
         "n_quarantined": len(quarantined),
         "passed": passed,
@@ -121,8 +122,8 @@ def validate(params: Params, raw_dir: str | Path, out_dir: str | Path) -> dict:
     for name, reasons in summary["quarantined"].items():
         log.warning("quarantined %s: %s", name, "; ".join(reasons))
     if len(passed) < params.validate.min_passed:
-        raise StageError(f"only {len(passed)} scans passed validation (need {params.validate.min_passed});"
-                         f" see {out / 'summary.json'}")
+        raise StageError(f"only {len(passed)} scans passed validation (need validate.min_passed = "
+                         f"{params.validate.min_passed} in params.yaml); see {out / 'summary.json'}")
     return {"n_passed": len(passed), "n_quarantined": len(quarantined)}
 
 
@@ -347,7 +348,10 @@ def _plot_tsne(latents: np.ndarray, labels: np.ndarray, path: Path, seed: int, n
 
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(latents), size=min(n, len(latents)), replace=False)
-    emb = TSNE(n_components=2, random_state=seed, init="pca", perplexity=30).fit_transform(latents[idx])
+    if len(idx) < 10:
+        return
+    perplexity = min(30.0, (len(idx) - 1) / 3)
+    emb = TSNE(n_components=2, random_state=seed, init="pca", perplexity=perplexity).fit_transform(latents[idx])
     fig, ax = plt.subplots(figsize=(5, 4.5))
     sc = ax.scatter(emb[:, 0], emb[:, 1], c=labels[idx], cmap="tab10", s=4)
     ax.legend(*sc.legend_elements(), title="cluster", fontsize=7, loc="best")
@@ -579,10 +583,11 @@ def evaluate(params: Params, raw_dir: str | Path, manifest_path: str | Path, mod
         tracker.params_of("evaluate")
         for split in ("test", "hard"):
             tracker.metrics(metrics[split], prefix=f"{split}_")
-        example = raw_dir / splits["test"][0]
+        import tempfile
+
         from .predict import predict_scan
 
-        pics = Path(per_scan_path).parent / "example"
-        predict_scan(example, models, params, pics)
-        tracker.artifacts(*sorted(pics.glob("*.png")), folder="example")
+        with tempfile.TemporaryDirectory() as pics:     # pictures go to MLflow only
+            predict_scan(raw_dir / splits["test"][0], models, params, pics)
+            tracker.artifacts(*sorted(Path(pics).glob("*.png")), folder="example")
     return metrics

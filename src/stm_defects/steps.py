@@ -2,10 +2,12 @@
 "mark steps" + "level terraces"), as pure functions.
 
 A monatomic step is a long, thin, high-gradient line; a defect is a compact blob.  Steps are
-found with Canny on the image smoothed well beyond the lattice period, with hysteresis
-thresholds in robust (MAD) units of the gradient magnitude, and only edge components whose
-extent exceeds ``min_extent_px`` are kept.  The complement of a band around the edges is cut
-into terraces; every pixel is then given the label of its nearest terrace.
+found with Canny on the image smoothed beyond the lattice period, with hysteresis thresholds
+in robust (MAD) units of the gradient magnitude; only edge components whose extent reaches
+``min_extent_px`` are kept.  The complement of a band around the lines is cut into terraces
+(slivers between two lines become band).  `refine_terraces` then moves the band to where the
+height really changes: near a line, every pixel goes to the adjacent terrace whose local level
+it matches, and pixels half-way between two levels form the band.
 
 Coordinates: rows (y) first, as numpy.  Inputs are never modified.
 """
@@ -24,8 +26,11 @@ __all__ = [
     "Terraces",
     "detect_steps",
     "level_terraces",
+    "masked_smooth",
+    "refine_terraces",
     "remove_scars",
     "step_edges",
+    "step_profile",
     "terrace_background",
     "terrace_labels",
 ]
@@ -39,8 +44,12 @@ class StepConfig:
     high_k: float = 8.0           # hysteresis high threshold: median + high_k * MAD of |grad|
     low_k: float = 4.0            # hysteresis low threshold
     min_extent_px: int = 56       # keep edge components whose bbox side reaches this (steps are long)
-    band_radius: int = 4          # half width of the step band excluded from terraces / scoring
-    min_terrace_px: int = 400     # smaller pieces are absorbed by the nearest terrace
+    band_radius: int = 4          # half width of the first step band
+    min_terrace_px: int = 400     # smaller pieces between step lines are band
+    min_band_px: float = 2.0      # pixels this close to a step line are always band
+    refine_px: int = 7            # refine_terraces works this close to a step line (0: off)
+    refine_sigma: float = 1.5     # smoothing of the height compared with the terrace levels
+    refine_frac: float = 0.2      # band where the height is this far (x local step) from both levels
     scar_k: float = 5.0           # scar pixels: |img - vertical median| > scar_k * robust std
     scar_min_length: int = 8      # ... in horizontal runs at least this long (0 disables)
 
@@ -48,9 +57,11 @@ class StepConfig:
 @dataclass
 class Terraces:
     edges: np.ndarray    # (H, W) bool, thin step lines
-    band: np.ndarray     # (H, W) bool, pixels within band_radius of a step line
+    band: np.ndarray     # (H, W) bool, step pixels (belong to no terrace for fitting / scoring)
     labels: np.ndarray   # (H, W) int32, terrace 0..n-1 of every pixel (nearest terrace in the band)
     n: int
+    dist: np.ndarray     # (H, W) float32 distance to the nearest step-line pixel (inf: no steps)
+    nearest: tuple       # (iy, ix) of that pixel, or None without steps
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
@@ -63,18 +74,22 @@ def remove_scars(img: np.ndarray, k: float = 5.0, min_length: int = 8) -> np.nda
 
     A pixel is a scar candidate when it departs from the median of its column over rows
     -3..+3 by more than ``k`` robust std; only horizontal runs of >= ``min_length`` candidates
-    are replaced.  A median over 7 rows ignores a streak up to 3 rows thick and keeps
-    monotone edges (steps) exactly.
+    are replaced.  A 7-row median ignores a streak up to 3 rows thick and keeps monotone
+    edges (steps) exactly.
     """
     a = np.asarray(img, dtype=np.float32)
     if not min_length:
         return a.copy()
-    med = ndi.median_filter(a, size=(7, 1), mode="nearest")
+    p = np.pad(a, ((3, 3), (0, 0)), mode="edge")
+    stack = np.stack([p[i:i + a.shape[0]] for i in range(7)])
+    med = np.partition(stack, 3, axis=0)[3]
     d = a - med
     _, s = _robust(d[::2, ::2])
     cand = np.abs(d) > k * s
     cand = ndi.binary_opening(cand, structure=np.ones((1, int(min_length)), bool))
-    # grow one row up/down so the faint shoulder rows of a thick scar go too
+    if not cand.any():
+        return a.copy()
+    # one row up/down too, so the faint shoulder rows of a thick scar go as well
     cand = ndi.binary_dilation(cand, structure=np.ones((3, 1), bool)) & (np.abs(d) > 0.5 * k * s)
     out = a.copy()
     out[cand] = med[cand]
@@ -101,73 +116,181 @@ def step_edges(img: np.ndarray, cfg: StepConfig = StepConfig()) -> np.ndarray:
 def terrace_labels(edges: np.ndarray, cfg: StepConfig = StepConfig()) -> Terraces:
     """Terraces between the step lines; every pixel gets its nearest terrace's label."""
     edges = np.asarray(edges, bool)
-    dist = ndi.distance_transform_edt(~edges) if edges.any() else np.full(edges.shape, np.inf)
+    if not edges.any():
+        z = np.zeros(edges.shape, bool)
+        return Terraces(edges, z, np.zeros(edges.shape, np.int32), 1,
+                        np.full(edges.shape, np.inf, np.float32), None)
+    dist, nearest = ndi.distance_transform_edt(~edges, return_indices=True)
+    dist = dist.astype(np.float32)
     band = dist <= cfg.band_radius
     lab = label(~band, connectivity=1)
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     big = np.flatnonzero(sizes >= cfg.min_terrace_px)
     if big.size == 0:
-        return Terraces(edges, band, np.zeros(edges.shape, np.int32), 1)
+        return Terraces(edges, band, np.zeros(edges.shape, np.int32), 1, dist, tuple(nearest))
     remap = np.full(sizes.size, -1, np.int64)
     remap[big] = np.arange(big.size)
     t = remap[lab]
+    band = band | ((t < 0) & (lab > 0))   # slivers between step lines are step, not terrace
     unknown = t < 0
-    if unknown.any():
-        _, (iy, ix) = ndi.distance_transform_edt(unknown, return_indices=True)
-        t = t[iy, ix]
-    return Terraces(edges, band, t.astype(np.int32), int(big.size))
+    _, (iy, ix) = ndi.distance_transform_edt(unknown, return_indices=True)
+    t = t[iy, ix]
+    return Terraces(edges, band, t.astype(np.int32), int(big.size), dist, tuple(nearest))
 
 
-def detect_steps(img: np.ndarray, cfg: StepConfig = StepConfig()) -> Terraces:
-    return terrace_labels(step_edges(img, cfg), cfg)
-
-
-def level_terraces(img: np.ndarray, terr: Terraces, order: int = 1, iterations: int = 2,
-                   clip: float = 3.0) -> np.ndarray:
-    """Subtract a robust plane (order 1) or offset (order 0) fitted on each terrace, band excluded."""
-    a = np.asarray(img, dtype=np.float64)
+def masked_smooth(a: np.ndarray, m: np.ndarray, sigma: float, factor: int = 4
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(Gaussian of a*m, Gaussian of m) at width ``sigma``, computed on a grid ``factor`` times
+    coarser and interpolated back (the results are smooth on that scale)."""
+    a = np.asarray(a, np.float32)
+    m = np.asarray(m, np.float32)
+    f = int(factor) if sigma >= 2 * factor else 1
+    if f == 1:
+        return ndi.gaussian_filter(a * m, sigma), ndi.gaussian_filter(m, sigma)
     h, w = a.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    yy = yy / max(h - 1, 1) * 2 - 1
-    xx = xx / max(w - 1, 1) * 2 - 1
-    out = np.empty_like(a)
+    H, W = -(-h // f) * f, -(-w // f) * f
+    am = np.zeros((H, W), np.float32)
+    mm = np.zeros((H, W), np.float32)
+    am[:h, :w] = a * m
+    mm[:h, :w] = m
+    am = am.reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+    mm = mm.reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+    s = max(float(np.sqrt(max(sigma ** 2 - (f ** 2 - 1) / 12.0, 0.25))) / f, 0.5)
+    am = ndi.gaussian_filter(am, s, mode="nearest")
+    mm = ndi.gaussian_filter(mm, s, mode="nearest")
+    num = ndi.zoom(am, f, order=1, mode="nearest", grid_mode=True)[:h, :w]
+    den = ndi.zoom(mm, f, order=1, mode="nearest", grid_mode=True)[:h, :w]
+    return num, den
+
+
+def terrace_levels(img: np.ndarray, terr: Terraces, sigma: float, weight=None):
+    """Per terrace k: (local mean level of terrace k extrapolated everywhere, its support)."""
+    base = (~terr.band).astype(np.float32)
+    if weight is not None:
+        base = base * np.asarray(weight, np.float32)
+    levels, supports = [], []
     for k in range(terr.n):
-        sel = terr.labels == k
-        fit = sel & ~terr.band
-        if fit.sum() < 16:
-            fit = sel
-        z = a[fit]
-        A = np.stack([np.ones_like(z), xx[fit], yy[fit]], 1) if order >= 1 else np.ones((z.size, 1))
-        ok = np.ones(z.size, bool)
-        coef = None
-        for _ in range(iterations + 1):
-            coef = np.linalg.lstsq(A[ok], z[ok], rcond=None)[0]
-            r = z - A @ coef
-            med, s = _robust(r[ok])
-            new = np.abs(r - med) <= clip * s
-            if new.sum() < A.shape[1] * 4:
-                break
-            ok = new
-        B = np.stack([np.ones(sel.sum()), xx[sel], yy[sel]], 1) if order >= 1 else np.ones((sel.sum(), 1))
-        out[sel] = a[sel] - B @ coef
-    return out.astype(np.float32)
+        num, den = masked_smooth(img, base * (terr.labels == k), sigma)
+        levels.append(num / np.maximum(den, 1e-6))
+        supports.append(den)
+    return levels, supports
 
 
 def terrace_background(img: np.ndarray, terr: Terraces, sigma: float, weight=None) -> np.ndarray:
     """Local mean of each terrace (normalised convolution of width ``sigma``), never mixing
     terraces or step-band pixels.  ``weight`` (H, W) in [0, 1] down-weights pixels (defects)."""
     a = np.asarray(img, dtype=np.float32)
-    base = (~terr.band).astype(np.float32)
-    if weight is not None:
-        base = base * np.asarray(weight, np.float32)
-    out = np.zeros_like(a)
-    glob = float(np.sum(a * base) / max(base.sum(), 1e-6))
+    if terr.n == 1:
+        base = (~terr.band).astype(np.float32)
+        if weight is not None:
+            base = base * np.asarray(weight, np.float32)
+        num, den = masked_smooth(a, base, sigma)
+        glob = float(np.sum(a * base) / max(base.sum(), 1e-6))
+        return np.where(den > 1e-3, num / np.maximum(den, 1e-6), glob).astype(np.float32)
+    levels, supports = terrace_levels(a, terr, sigma, weight)
+    lv = np.stack(levels)
+    out = np.take_along_axis(lv, terr.labels[None].astype(np.int64), 0)[0]
+    sup = np.take_along_axis(np.stack(supports), terr.labels[None].astype(np.int64), 0)[0]
+    glob = float(np.median(a[~terr.band])) if (~terr.band).any() else 0.0
+    return np.where(sup > 1e-3, out, glob).astype(np.float32)
+
+
+def refine_terraces(img: np.ndarray, terr: Terraces, cfg: StepConfig = StepConfig(),
+                    sigma: float = 8.0) -> Terraces:
+    """Move the step band onto the real height change: within ``refine_px`` of a step line,
+    each pixel joins the nearby terrace whose local level its (lightly smoothed) height is
+    closest to; pixels far from every nearby level (the slope of the step) become band."""
+    if terr.n < 2 or not cfg.refine_px or terr.nearest is None:
+        return terr
+    a = np.asarray(img, np.float32)
+    zone = terr.dist <= cfg.refine_px
+    levels, supports = terrace_levels(a, terr, sigma)
+    s = ndi.gaussian_filter(a, cfg.refine_sigma)[zone]
+    lv = np.stack([lvl[zone] for lvl in levels])            # (n, Z)
+    ok = np.stack([sp[zone] for sp in supports]) > 0.02      # terraces near enough to compare
+    d = np.where(ok, np.abs(lv - s[None]), np.inf)
+    best = np.argmin(d, axis=0)
+    dmin = d[best, np.arange(best.size)]
+    lv_ok = np.where(ok, lv, np.nan)
+    with np.errstate(all="ignore"):
+        span = np.nanmax(lv_ok, axis=0) - np.nanmin(lv_ok, axis=0)
+    span = np.nan_to_num(span, nan=0.0)
+    amb = (dmin > cfg.refine_frac * span) | ~np.isfinite(dmin) | (ok.sum(0) < 2) & (terr.dist[zone] <= 1.5)
+    labels = terr.labels.copy()
+    band = terr.band.copy()
+    labels[zone] = np.where(np.isfinite(dmin), best, labels[zone])
+    band[zone] = amb | (terr.dist[zone] <= cfg.min_band_px)
+    return Terraces(terr.edges, band, labels.astype(np.int32), terr.n, terr.dist, terr.nearest)
+
+
+def detect_steps(img: np.ndarray, cfg: StepConfig = StepConfig()) -> Terraces:
+    terr = terrace_labels(step_edges(img, cfg), cfg)
+    return refine_terraces(img, terr, cfg)
+
+
+def level_terraces(img: np.ndarray, terr: Terraces, order: int = 1, iterations: int = 2,
+                   clip: float = 3.0, subsample: int = 3) -> np.ndarray:
+    """Subtract a robust plane (order 1) or offset (order 0) fitted on each terrace, band
+    excluded (Gwyddion-style terrace levelling); fits use every ``subsample``-th pixel."""
+    a = np.asarray(img, dtype=np.float32)
+    h, w = a.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy = yy / max(h - 1, 1) * 2 - 1
+    xx = xx / max(w - 1, 1) * 2 - 1
+    coefs = np.zeros((max(terr.n, 1), 3), np.float64)
+    sub = np.zeros((h, w), bool)
+    sub[::subsample, ::subsample] = True
     for k in range(terr.n):
-        sel = terr.labels == k
-        m = base * sel
-        num = ndi.gaussian_filter(a * m, sigma, mode="nearest")
-        den = ndi.gaussian_filter(m, sigma, mode="nearest")
-        val = np.where(den > 1e-3, num / np.maximum(den, 1e-6), glob)
-        out[sel] = val[sel]
+        sel = (terr.labels == k) & sub
+        fit = sel & ~terr.band
+        if fit.sum() < 16:
+            fit = sel
+        if fit.sum() < 4:
+            continue
+        z = a[fit].astype(np.float64)
+        cols = [np.ones_like(z), xx[fit], yy[fit]] if order >= 1 else [np.ones_like(z)]
+        A = np.stack(cols, 1)
+        ok = np.ones(z.size, bool)
+        coef = np.linalg.lstsq(A, z, rcond=None)[0]
+        for _ in range(iterations):
+            r = z - A @ coef
+            med, s = _robust(r[ok])
+            new = np.abs(r - med) <= clip * s
+            if new.sum() < A.shape[1] * 4:
+                break
+            ok = new
+            coef = np.linalg.lstsq(A[ok], z[ok], rcond=None)[0]
+        coefs[k, :coef.size] = coef
+    c = coefs[terr.labels]
+    return (a - (c[..., 0] + c[..., 1] * xx + c[..., 2] * yy)).astype(np.float32)
+
+
+def step_profile(resid: np.ndarray, terr: Terraces, weight=None, max_dist: int = 14,
+                 tile: int = 32) -> np.ndarray:
+    """What is left of the steps in a residual, as a function of the distance to the step line.
+
+    The leftovers of a step vary across the step and barely along it, while a defect is
+    compact.  Pixels within ``max_dist`` of a step line are binned by (tile of their nearest
+    step pixel, terrace, distance rounded to 1 px); the weighted mean residual of each bin
+    (defects down-weighted by ``weight``) is the step profile there.  Returns an (H, W) map,
+    zero farther than ``max_dist`` from every step.
+    """
+    r = np.asarray(resid, dtype=np.float32)
+    out = np.zeros_like(r)
+    if terr.nearest is None or not terr.edges.any():
+        return out
+    iy, ix = terr.nearest
+    near = (terr.dist <= max_dist) & ~terr.band
+    h, w = r.shape
+    nty, ntx = -(-h // tile), -(-w // tile)
+    nd = max_dist + 1
+    key = (((iy[near] // tile) * ntx + ix[near] // tile) * max(terr.n, 1) + terr.labels[near]) * nd \
+        + np.rint(terr.dist[near]).astype(np.int64)
+    wt = np.ones(key.size) if weight is None else np.asarray(weight, np.float64)[near]
+    n_keys = nty * ntx * max(terr.n, 1) * nd
+    num = np.bincount(key, weights=wt * r[near], minlength=n_keys)
+    den = np.bincount(key, weights=wt, minlength=n_keys)
+    prof = np.where(den >= 4.0, num / np.maximum(den, 1e-9), 0.0)
+    out[near] = prof[key]
     return out

@@ -291,10 +291,22 @@ def promote(versions: dict, stage: str, force: bool = False, experiment: str = "
     client = _client(experiment)
     for key, v in versions.items():
         resolve_version(client, key, v)
-    if alias != "archived" and "ae1" in versions and len(versions) > 1 and not force:
-        problems = check_lineage(client, versions)
-        if problems:
-            raise TrackingError("refusing an inconsistent set: " + "; ".join(problems) + " (use --force)")
+    if alias != "archived" and not force:
+        # The set that will hold the stage: its current holders, with the new versions in.
+        resulting = {}
+        for key, name in MODEL_NAMES.items():
+            try:
+                holder = client.get_registered_model(name).aliases.get(alias)
+            except Exception:  # noqa: BLE001 - model not registered yet
+                holder = None
+            if holder is not None:
+                resulting[key] = int(holder)
+        resulting.update(versions)
+        if "ae1" in resulting:
+            problems = check_lineage(client, resulting)
+            if problems:
+                raise TrackingError("refusing an inconsistent set: " + "; ".join(problems)
+                                    + " (promote the whole set with --run, or use --force)")
     for key, v in versions.items():
         name = MODEL_NAMES[key]
         if alias != "archived":

@@ -1,0 +1,232 @@
+"""Orientation-free defect features and stable, mergeable classes, as pure functions.
+
+Features.  Each defect is resampled from the lattice-free residual on a square grid aligned
+with the local dimer rows (u along the rows, v across), the row direction coming from the
+structure tensor of the removed lattice around the defect.  The patch is then flipped so
+that its first moments along u and v are >= 0, which leaves it unchanged by any of the 8
+symmetries of the square (rotating the scan by 90 degrees turns the rows by 90 degrees and
+the grid with them).  Heights are in units of the scan's lattice corrugation (std of the
+removed lattice), so scans normalised differently stay comparable.
+
+Classes.  PCA of the canonical patches, then Gaussian mixtures for k in ``k_range``; for each
+k the stability is the mean ARI between mixtures fitted on disjoint random halves (both
+predicting all samples).  The chosen k has the lowest BIC among the stable ones (stability
+>= ``stability_min``; the most stable k if none is).  Components whose posteriors overlap
+(mean cross-posterior >= ``merge_overlap``) are merged into one class.  A defect whose
+log-likelihood is below the ``unknown_quantile`` of the training defects is "unknown" (-1).
+
+All randomness comes from the ``seed`` argument; the fitted state is a plain dict of numpy
+arrays and numbers (picklable, joblib-able).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from sklearn.metrics import adjusted_rand_score
+from sklearn.mixture import GaussianMixture
+
+__all__ = [
+    "ClassifyConfig",
+    "canonical_patches",
+    "fit_classes",
+    "predict_classes",
+    "row_angles",
+]
+
+UNKNOWN = -1
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    patch: int = 25                 # px, side of the canonical patch
+    smooth: float = 1.0             # Gaussian sigma (px) on the residual before resampling
+    orient_window: int = 24         # px, half width of the structure-tensor window
+    n_pca: int = 6
+    k_range: tuple[int, int] = (2, 9)
+    covariance: str = "full"
+    n_boot: int = 3                 # random half splits per k for the stability
+    stability_min: float = 0.8
+    merge_overlap: float = 0.12
+    unknown_quantile: float = 0.005
+    max_samples: int = 4000
+
+
+def _windows(a: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
+    p = np.pad(a, half, mode="reflect")
+    n = 2 * half + 1
+    out = np.empty((len(centres), n, n), np.float32)
+    for i, (y, x) in enumerate(np.rint(centres).astype(int)):
+        y = min(max(y, 0), a.shape[0] - 1)
+        x = min(max(x, 0), a.shape[1] - 1)
+        out[i] = p[y:y + n, x:x + n]
+    return out
+
+
+def row_angles(lattice: np.ndarray, centres_yx, window: int = 24) -> np.ndarray:
+    """Row direction (radians, [0, pi), from the x axis towards +y) of the periodic lattice
+    around each (y, x) centre: perpendicular to the dominant gradient of the structure
+    tensor, Gaussian-weighted over a (2*window+1)^2 window."""
+    c = np.asarray(centres_yx, np.float64).reshape(-1, 2)
+    if len(c) == 0:
+        return np.zeros(0)
+    lat = np.asarray(lattice, np.float32)
+    gy, gx = np.gradient(lat)
+    yy, xx = np.mgrid[-window:window + 1, -window:window + 1]
+    g = np.exp(-(yy ** 2 + xx ** 2) / (2 * (window / 2.0) ** 2)).astype(np.float32)
+    Wy, Wx = _windows(gy, c, window), _windows(gx, c, window)
+    jxx = (Wx * Wx * g).sum(axis=(1, 2))
+    jyy = (Wy * Wy * g).sum(axis=(1, 2))
+    jxy = (Wx * Wy * g).sum(axis=(1, 2))
+    grad = 0.5 * np.arctan2(2 * jxy, jxx - jyy)      # dominant gradient direction = across rows
+    return np.mod(grad + np.pi / 2, np.pi)
+
+
+def canonical_patches(residual: np.ndarray, lattice: np.ndarray, centres_yx, cfg: ClassifyConfig,
+                      unit: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, P, P) patches in the rows' frame, D4-canonical, in lattice-corrugation units; and
+    the row angle of each defect."""
+    c = np.asarray(centres_yx, np.float64).reshape(-1, 2)
+    P = int(cfg.patch)
+    if len(c) == 0:
+        return np.zeros((0, P, P), np.float32), np.zeros(0)
+    r = np.asarray(residual, np.float32)
+    if cfg.smooth:
+        r = ndi.gaussian_filter(r, cfg.smooth)
+    if unit is None:
+        unit = float(np.std(lattice)) or 1.0
+    ang = row_angles(lattice, c, cfg.orient_window)
+    h = (P - 1) / 2.0
+    u, v = np.meshgrid(np.arange(P) - h, np.arange(P) - h)       # u along rows (cols), v across
+    out = np.empty((len(c), P, P), np.float32)
+    for i, ((y, x), a) in enumerate(zip(c, ang)):
+        ca, sa = np.cos(a), np.sin(a)
+        xs = x + u * ca - v * sa
+        ys = y + u * sa + v * ca
+        out[i] = ndi.map_coordinates(r, [ys, xs], order=1, mode="reflect")
+    out /= unit
+    # D2 canonical flips (a rotation by pi is both): first moments along u and v >= 0
+    mu = (out * u).sum(axis=(1, 2))
+    mv = (out * v).sum(axis=(1, 2))
+    out[mu < 0] = out[mu < 0][:, :, ::-1]
+    out[mv < 0] = out[mv < 0][:, ::-1, :]
+    return out, ang
+
+
+def _features(patches: np.ndarray) -> np.ndarray:
+    """Flattened patch with a signed-sqrt compression of the amplitude (big clusters do not
+    dominate the PCA)."""
+    x = patches.reshape(len(patches), -1).astype(np.float64)
+    return np.sign(x) * np.sqrt(np.abs(x))
+
+
+def _pca_fit(X: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mean = X.mean(axis=0)
+    _, _, Vt = np.linalg.svd(X - mean, full_matrices=False)
+    comps = Vt[:n]
+    Z = (X - mean) @ comps.T
+    scale = Z.std(axis=0) + 1e-9
+    return mean, comps, scale
+
+
+def _project(state: dict, patches: np.ndarray) -> np.ndarray:
+    X = _features(patches)
+    return (X - state["pca_mean"]) @ state["pca_components"].T / state["pca_scale"]
+
+
+def _gmm(k: int, cfg: ClassifyConfig, seed: int) -> GaussianMixture:
+    return GaussianMixture(k, covariance_type=cfg.covariance, n_init=1, random_state=seed,
+                           reg_covar=1e-3, max_iter=300)
+
+
+def _merge_map(post: np.ndarray, thr: float) -> np.ndarray:
+    """Component -> class by union of pairs whose mean cross-posterior reaches ``thr``."""
+    k = post.shape[1]
+    hard = post.argmax(axis=1)
+    parent = list(range(k))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(k):
+        sel = hard == i
+        if not sel.any():
+            continue
+        m = post[sel].mean(axis=0)
+        for j in range(k):
+            if j != i and m[j] >= thr:
+                parent[find(i)] = find(j)
+    roots = sorted({find(i) for i in range(k)})
+    return np.array([roots.index(find(i)) for i in range(k)], np.int64)
+
+
+def fit_classes(patches: np.ndarray, cfg: ClassifyConfig = ClassifyConfig(), seed: int = 0) -> dict:
+    """Fit PCA + stable GMM classes on canonical training patches; returns a plain dict."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):   # small matrices: BLAS threads only oversubscribe the CPU
+        return _fit_classes(patches, cfg, seed)
+
+
+def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    if len(patches) > cfg.max_samples:
+        patches = patches[np.sort(rng.choice(len(patches), cfg.max_samples, replace=False))]
+    X = _features(patches)
+    n_pca = int(min(cfg.n_pca, X.shape[1], max(len(X) - 1, 1)))
+    mean, comps, scale = _pca_fit(X, n_pca)
+    state = {"pca_mean": mean, "pca_components": comps, "pca_scale": scale}
+    Z = (X - mean) @ comps.T / scale
+    n = len(Z)
+    table = []
+    for k in range(cfg.k_range[0], cfg.k_range[1] + 1):
+        if k * 5 > n:
+            break
+        g = _gmm(k, cfg, seed).fit(Z)
+        bic = float(g.bic(Z))
+        stab = []
+        for b in range(cfg.n_boot):
+            perm = rng.permutation(n)
+            a_idx, b_idx = perm[: n // 2], perm[n // 2:]
+            ga = _gmm(k, cfg, seed + 1 + 2 * b).fit(Z[a_idx])
+            gb = _gmm(k, cfg, seed + 2 + 2 * b).fit(Z[b_idx])
+            stab.append(adjusted_rand_score(ga.predict(Z), gb.predict(Z)))
+        table.append({"k": k, "bic": bic, "stability": float(np.mean(stab))})
+        table[-1]["_model"] = g
+    stable = [t for t in table if t["stability"] >= cfg.stability_min]
+    pick = min(stable, key=lambda t: t["bic"]) if stable else max(table, key=lambda t: t["stability"])
+    g = pick["_model"]
+    post = g.predict_proba(Z)
+    cmap = _merge_map(post, cfg.merge_overlap)
+    ll = g.score_samples(Z)
+    state.update({
+        "gmm": g, "component_class": cmap, "n_classes": int(cmap.max() + 1),
+        "loglik_threshold": float(np.quantile(ll, cfg.unknown_quantile)) if cfg.unknown_quantile else -np.inf,
+        "k": int(pick["k"]),
+        "selection": [{k: v for k, v in t.items() if k != "_model"} for t in table],
+    })
+    return state
+
+
+def predict_classes(state: dict, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class per patch, -1 for unknown; probability of that class)."""
+    if len(patches) == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    Z = _project(state, patches)
+    g = state["gmm"]
+    post = g.predict_proba(Z)
+    cmap = state["component_class"]
+    nc = int(state["n_classes"])
+    cp = np.zeros((len(Z), nc))
+    for comp, cls in enumerate(cmap):
+        cp[:, cls] += post[:, comp]
+    lab = cp.argmax(axis=1)
+    prob = cp[np.arange(len(Z)), lab]
+    unknown = g.score_samples(Z) < state["loglik_threshold"]
+    lab = np.where(unknown, UNKNOWN, lab)
+    return lab.astype(np.int64), prob
