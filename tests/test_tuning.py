@@ -12,10 +12,10 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from stm_defects import tuning  # noqa: E402
-from stm_defects.config import TuneParams, load_params  # noqa: E402
-from stm_defects.models import AEConfig  # noqa: E402
-from stm_defects.training import TrainConfig  # noqa: E402
+from stm_defects import tuning
+from stm_defects.config import TuneParams, load_params
+from stm_defects.models import AEConfig
+from stm_defects.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_AE = AEConfig(widths=(4, 8), kernels=(3, 3), encoder_norm=(True, False), latent=8, dropout=0.0, patch=16)
@@ -54,7 +54,7 @@ def blobs(seed: int = 0) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- AE1
 def test_ae1_study_returns_a_latent_from_the_set_and_is_deterministic(db):
-    kw = dict(latents=(4, 8, 16), n_trials=2, epochs=1, seed=3, storage=db)
+    kw = {"latents": (4, 8, 16), "n_trials": 2, "epochs": 1, "seed": 3, "storage": db}
     patches = tiny_patches()
     r = tuning.tune_ae1_latent(patches, TINY_AE, TINY_TRAIN, study_name="det-a", **kw)
     assert r["best_latent"] in (4, 8, 16)
@@ -70,7 +70,7 @@ def test_ae1_study_returns_a_latent_from_the_set_and_is_deterministic(db):
 
 
 def test_ae1_tolerance_prefers_the_smaller_latent(db):
-    kw = dict(latents=(4, 16), n_trials=2, epochs=1, seed=0, storage=db, study_name="tolerance")
+    kw = {"latents": (4, 16), "n_trials": 2, "epochs": 1, "seed": 0, "storage": db, "study_name": "tolerance"}
     exact = tuning.tune_ae1_latent(tiny_patches(), TINY_AE, TINY_TRAIN, **kw)
     loose = tuning.tune_ae1_latent(tiny_patches(), TINY_AE, TINY_TRAIN, tolerance=10.0, **kw)
     assert loose["best_latent"] == 4
@@ -102,6 +102,33 @@ def test_pruning_callback_asks_the_median_pruner():
     assert should_stop(0, 10.0) is True
     assert bad.storage.get_trial(bad._trial_id).intermediate_values == {0: 10.0}
     assert should_stop(2, 10.0) is False         # never pruned at the last epoch
+
+
+def test_median_pruner_ignores_duplicate_trials():
+    study = optuna.create_study(pruner=tuning.median_pruner(n_startup_trials=2, n_warmup_steps=1))
+
+    def finished(value: float, duplicate_of: int | None = None) -> None:
+        t = study.ask()
+        if duplicate_of is not None:
+            t.set_user_attr("duplicate_of", duplicate_of)
+        for step in range(3):
+            t.report(value, step)
+        study.tell(t, value)
+
+    def pruned_at(step: int, value: float) -> bool:
+        t = study.ask()
+        for s in range(step + 1):
+            t.report(value, s)
+        decision = t.should_prune()
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+        return decision
+
+    finished(0.1)
+    finished(0.1, duplicate_of=0)
+    assert not pruned_at(1, 10.0)       # one distinct trial only: still starting up
+    finished(0.2)
+    assert not pruned_at(0, 10.0)       # warm-up step
+    assert pruned_at(1, 10.0) and not pruned_at(1, 0.12)
 
 
 # ------------------------------------------------------------------------------------- GMM

@@ -278,24 +278,32 @@ def evaluate(
     models: Annotated[Path, typer.Option(help="Folder of trained models.")] = Path("models"),
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("reports/evaluation.json"),
     per_scan: Annotated[Path, typer.Option(help="Per-scan scores JSON.")] = Path("reports/evaluation_per_scan.json"),
+    ablation: Annotated[Optional[Path], typer.Option(
+        help="Also score the other method and write this ablation JSON (+ .md).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
     track: TrackOpt = True,
 ):
-    """Score detection and classes against the synthetic ground truth (test and hard splits)."""
+    """Score detection, classes, step edges and rotation against the synthetic ground truth."""
     from . import stages
     from .tracking import Tracker
 
     p = _params(params, profile)
     splits = read_manifest(manifest)["splits"]
-    with Tracker(p, "evaluate", enabled=track) as tr, \
-            _progress(len(splits["test"]) + len(splits["hard"]), "evaluate") as bar:
-        m = stages.evaluate(p, raw, manifest, models, metrics, per_scan, progress=bar.update, tracker=tr)
+    n = (len(splits["test"]) + len(splits["hard"])) * (2 if ablation else 1)
+    with Tracker(p, "evaluate", enabled=track) as tr, _progress(n, "evaluate") as bar:
+        m = stages.evaluate(p, raw, manifest, models, metrics, per_scan, ablation_path=ablation,
+                            progress=bar.update, tracker=tr)
     for split in ("test", "hard"):
         s = m[split]
-        typer.echo(f"{split}: F1 {s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f})  "
+        typer.echo(f"{split} ({m['method']}): F1 {s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f})  "
                    f"ARI {s['ari']:.3f}  NMI {s['nmi']:.3f}  purity {s['purity']:.3f}  "
                    f"step-edge FP/scan {s['step_edge_fp_mean']:.2f}  AUROC {s['auroc_mean']:.3f}")
+    typer.echo(f"rotation agreement {m['test']['rotation_agreement']:.3f} "
+               f"({m['test']['rotation_pairs']} defect pairs)")
+    if ablation:
+        typer.echo(f"ablation: {ablation.with_suffix('.md')}")
+        typer.echo(ablation.with_suffix(".md").read_text().rstrip())
 
 
 @app.command()
@@ -340,11 +348,34 @@ def train(
                                    tracker=tr, lineage={"ae1": m / "ae1" / "model.pt",
                                                         "kmeans": m / "kmeans" / "kmeans.joblib",
                                                         "calibration": m / "calibration.json"})
+    with Tracker(p, "fit_improved", enabled=track) as tr:
+        stages.fit_improved_stage(p, data, manifest, m / "improved", tracker=tr)
     for line in steps:
         typer.echo(line)
     typer.echo(f"{d['n_defect_patches']} defect patches; GMM k={g['k']} ({g['covariance_type']})")
     typer.echo(f"models in {m}: predict with `stm predict SCANS --models {m}`"
                + (" or promote them with `stm promote --run latest`" if track else ""))
+
+
+@app.command("fit-improved")
+@user_errors
+def fit_improved_cmd(
+    raw: Annotated[Path, typer.Option(help="Folder of scans.")],
+    manifest: Annotated[Path, typer.Option(help="prepare's manifest.json.")],
+    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    track: TrackOpt = True,
+):
+    """Fit the improved analysis (stable defect classes) on the training scans."""
+    from . import stages
+    from .tracking import Tracker
+
+    p = _params(params, profile)
+    n = len(read_manifest(manifest)["splits"]["train"])
+    with Tracker(p, "fit_improved", enabled=track) as tr, _progress(n, "fit improved") as bar:
+        m = stages.fit_improved_stage(p, raw, manifest, out, progress=bar.update, tracker=tr)
+    typer.echo(f"improved: {m['n_train_defects']} training defects, {m['n_classes']} classes -> {out}")
 
 
 # ---------------------------------------------------------------------------------- predict
@@ -376,7 +407,7 @@ def predict(
     else:
         from .tracking import load_registered
 
-        bundle = load_registered(model_stage, p.tracking.experiment)
+        bundle = load_registered(model_stage, p.tracking.experiment, p.detector.method)
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     with _progress(len(files), "predict") as bar:
@@ -463,14 +494,20 @@ def ui(
 def name_class(
     class_id: Annotated[int, typer.Argument(help="Defect class id (as in predictions).")],
     name: Annotated[str, typer.Argument(help="A name, e.g. dimer_vacancy.")],
-    version: Annotated[Optional[int], typer.Option(help="GMM version (default: Production).")] = None,
+    version: Annotated[Optional[int], typer.Option(help="Classifier version (default: Production).")] = None,
     params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
 ):
-    """Attach a name to a defect class; stored with the clusterer version in the registry."""
-    from .tracking import set_class_names
+    """Attach a name to a defect class; stored with the classifier version in the registry.
 
-    v = set_class_names({class_id: name}, version, _params(params).tracking.experiment)
-    typer.echo(f"class {class_id} of stm-gmm v{v} is now named {name!r}")
+    The classifier is the improved analysis' (default profile) or the GMM (paper profile).
+    """
+    from .tracking import MODEL_NAMES, set_class_names
+
+    p = _params(params, profile)
+    key = "improved" if p.detector.method == "improved" else "gmm"
+    v = set_class_names({class_id: name}, version, p.tracking.experiment, key=key)
+    typer.echo(f"class {class_id} of {MODEL_NAMES[key]} v{v} is now named {name!r}")
 
 
 @app.command()

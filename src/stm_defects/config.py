@@ -121,6 +121,15 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class DetectorParams:
+    method: str = "improved"         # improved (default profile) | paper (the report's pipeline)
+
+    def __post_init__(self):
+        if self.method not in ("improved", "paper"):
+            raise ConfigError(f"detector.method must be 'improved' or 'paper', not {self.method!r}")
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     experiment: str = "stm-defects"
     register: bool = True
@@ -154,6 +163,8 @@ class Params:
     ae2_train: Any
     gmm: GMMParams
     evaluate: EvaluateParams
+    detector: DetectorParams = field(default_factory=DetectorParams)
+    improved: Any = None
     tracking: TrackingParams = field(default_factory=TrackingParams)
     tune: TuneParams = field(default_factory=TuneParams)
 
@@ -168,6 +179,7 @@ class Params:
 
 def _section_types() -> dict[str, type]:
     # Imported here so that `stm --help` does not pay for torch.
+    from .improved import ImprovedConfig
     from .masks import MaskConfig
     from .models import AEConfig
     from .preprocess import PreprocessConfig
@@ -180,7 +192,8 @@ def _section_types() -> dict[str, type]:
         "ae1": AEConfig, "ae1_train": TrainConfig, "kmeans": KMeansParams, "maps": MapsParams,
         "mask": MaskConfig, "defect_patches": DefectPatchParams, "ae2": AEConfig,
         "ae2_train": TrainConfig, "gmm": GMMParams, "evaluate": EvaluateParams,
-        "tracking": TrackingParams, "tune": TuneParams,
+        "tracking": TrackingParams, "tune": TuneParams, "detector": DetectorParams,
+        "improved": ImprovedConfig,
     }
 
 

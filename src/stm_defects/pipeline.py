@@ -30,6 +30,7 @@ class Models:
     calibration: dict = field(default_factory=dict)   # error_threshold, target_clusters
     versions: dict = field(default_factory=dict)      # model name -> version/path, for outputs
     class_names: dict = field(default_factory=dict)   # class id (str) -> human name
+    improved: dict | None = None                      # fitted state of the improved analysis
 
 
 @dataclass
@@ -114,6 +115,11 @@ def classify_regions(img01, mask, regions, models: Models, params) -> tuple[list
 
 
 def analyse(img01: np.ndarray, models: Models, params) -> Analysis:
+    """One preprocessed image -> maps, mask and classified regions, by `params.detector.method`."""
+    if params.detector.method == "improved":
+        from .improved import improved_analyse
+
+        return improved_analyse(img01, models, params.improved)
     cmap, emap = stage1_maps(img01, models, params)
     mask = defect_mask(emap, cmap, mask_config(params, models.calibration))
     regions = defect_regions(mask, emap)

@@ -378,6 +378,9 @@ def load_models(models_dir: str | Path, calibration_path: str | Path | None = No
     calibration_path = Path(calibration_path or d / "calibration.json")
     if calibration_path.is_file():
         models.calibration = read_json(calibration_path)
+    if (d / "improved" / "state.joblib").is_file():
+        models.improved = joblib.load(d / "improved" / "state.joblib")
+        models.versions["improved"] = str(d / "improved")
     if stage2:
         models.ae2 = load_autoencoder(d / "ae2" / "model.pt")
         models.gmm = joblib.load(d / "gmm" / "gmm.joblib")
@@ -537,6 +540,40 @@ def cluster_defects(params: Params, ae2_path: str | Path, patches_path: str | Pa
     return metrics
 
 
+# --------------------------------------------------------------------------- improved method
+def fit_improved_stage(params: Params, raw_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
+                       progress=None, tracker=None) -> dict:
+    """Fit the improved analysis (defect classes) on the training scans -> `<out>/state.joblib`."""
+    import joblib
+
+    from .improved import fit_improved
+
+    raw_dir, out = Path(raw_dir), fresh_dir(out_dir)
+    images = []
+    for name in read_json(manifest_path)["splits"]["train"]:
+        images.append(load_image(raw_dir / name, params)[1])
+        if progress:
+            progress(1)
+    state = fit_improved(images, params.improved, params.seed)
+    joblib.dump(state, out / "state.joblib")
+    classes = state.get("classes") or {}
+    metrics = {"n_train_images": state["n_train_images"], "n_train_defects": state["n_train_defects"],
+               "n_classes": classes.get("n_classes"), "k": classes.get("k")}
+    write_json(out / "metrics.json", metrics)
+    if tracker is not None:
+        tracker.params_of("seed", "detector")
+        tracker.metrics(metrics, prefix="improved_")
+        tracker.register("improved", state, file_sha256(out / "state.joblib"),
+                         {"data_version": _data_version(raw_dir)})
+    return metrics
+
+
+def _data_version(path) -> str:
+    from .tracking import data_version
+
+    return data_version(path)
+
+
 # ------------------------------------------------------------------------------- evaluation
 def evaluate_split(params: Params, raw_dir: Path, names: list[str], models, progress=None) -> tuple[dict, list]:
     """Score the pipeline on scans with truth (`<name>.json`, `<name>_steps.npz` beside them)."""
@@ -563,26 +600,73 @@ def evaluate_split(params: Params, raw_dir: Path, names: list[str], models, prog
     return aggregate(per_scan), per_scan
 
 
+def rotation_agreement(params: Params, raw_dir: Path, names: list[str], models) -> dict:
+    """Share of defects that keep their class when the (preprocessed) scan is turned by 90 deg.
+
+    Defects of the scan and of its np.rot90 copy are matched by position (one-to-one, within
+    the match radius); the preprocessed image is rotated so that scan-line artefacts, which a
+    real rotated scan would not rotate, do not enter the comparison.
+    """
+    from .evaluate import match_points
+    from .pipeline import analyse
+
+    same = pairs = 0
+    for name in names:
+        _, img, _ = load_image(raw_dir / name, params)
+        a = analyse(img, models, params).regions
+        b = analyse(np.ascontiguousarray(np.rot90(img)), models, params).regions
+        w = img.shape[1]
+        m = match_points([(r["y"], w - 1 - r["x"]) for r in a], [(r["x"], r["y"]) for r in b],
+                         params.evaluate.match_radius)
+        same += sum(a[i]["class"] == b[j]["class"] for i, j in m)
+        pairs += len(m)
+    return {"rotation_agreement": same / pairs if pairs else float("nan"), "rotation_pairs": pairs}
+
+
 def evaluate(params: Params, raw_dir: str | Path, manifest_path: str | Path, models_dir: str | Path,
-             metrics_path: str | Path, per_scan_path: str | Path, progress=None, tracker=None) -> dict:
-    """Detection, class and step-edge scores on the test and hard splits."""
+             metrics_path: str | Path, per_scan_path: str | Path, ablation_path: str | Path | None = None,
+             progress=None, tracker=None) -> dict:
+    """Detection, class, step-edge and rotation scores on the test and hard splits.
+
+    The configured method goes to `metrics_path`; with `ablation_path`, both methods (the
+    report's `paper` pipeline and the `improved` one) are scored side by side on the same scans.
+    """
+    import dataclasses
+
     raw_dir = Path(raw_dir)
     models = load_models(models_dir)
     splits = read_json(manifest_path)["splits"]
-    metrics, rows = {}, []
-    for split in ("test", "hard"):
-        agg, per_scan = evaluate_split(params, raw_dir, splits[split], models, progress)
-        metrics[split] = {k: v for k, v in agg.items() if not isinstance(v, (list, dict))}
-        for r in per_scan:
-            rows.append({"split": split, "scan": r["scan"], "tp": r["tp"], "fp": r["fp"], "fn": r["fn"],
-                         "f1": r["f1"], "step_edge_fp": r.get("step_edge_fp"), "auroc": r.get("auroc")})
-    metrics["profile"] = params.profile
+    methods = [params.detector.method]
+    if ablation_path is not None:
+        methods += [m for m in ("paper", "improved") if m not in methods]
+    table, rows = {}, []
+    for method in methods:
+        p = dataclasses.replace(params, detector=dataclasses.replace(params.detector, method=method))
+        res = {}
+        for split in ("test", "hard"):
+            agg, per_scan = evaluate_split(p, raw_dir, splits[split], models, progress)
+            res[split] = {k: v for k, v in agg.items() if not isinstance(v, (list, dict))}
+            if method == params.detector.method:
+                for r in per_scan:
+                    rows.append({"split": split, "scan": r["scan"], "tp": r["tp"], "fp": r["fp"],
+                                 "fn": r["fn"], "f1": r["f1"], "step_edge_fp": r.get("step_edge_fp"),
+                                 "auroc": r.get("auroc")})
+        res["test"].update(rotation_agreement(p, raw_dir, splits["test"], models))
+        table[method] = res
+    metrics = {**table[params.detector.method], "profile": params.profile, "method": params.detector.method}
     write_json(metrics_path, metrics)
     write_json(per_scan_path, rows)
+    if ablation_path is not None:
+        write_ablation(table, Path(ablation_path))
     if tracker is not None:
         tracker.params_of("evaluate")
         for split in ("test", "hard"):
             tracker.metrics(metrics[split], prefix=f"{split}_")
+        for method, res in table.items():
+            for split in ("test", "hard"):
+                tracker.metrics(res[split], prefix=f"ablation_{method}_{split}_")
+        if ablation_path is not None:
+            tracker.artifacts(ablation_path, Path(ablation_path).with_suffix(".md"))
         import tempfile
 
         from .predict import predict_scan
@@ -591,3 +675,25 @@ def evaluate(params: Params, raw_dir: str | Path, manifest_path: str | Path, mod
             predict_scan(raw_dir / splits["test"][0], models, params, pics)
             tracker.artifacts(*sorted(Path(pics).glob("*.png")), folder="example")
     return metrics
+
+
+ABLATION_COLUMNS = [("F1 test", "test", "f1"), ("F1 hard", "hard", "f1"),
+                    ("recall hard", "hard", "recall"),
+                    ("step-edge FP/scan test", "test", "step_edge_fp_mean"),
+                    ("step-edge FP/scan hard", "hard", "step_edge_fp_mean"),
+                    ("ARI test", "test", "ari"), ("NMI test", "test", "nmi"),
+                    ("purity test", "test", "purity"), ("rotation agreement", "test", "rotation_agreement")]
+
+
+def write_ablation(table: dict, path: Path) -> None:
+    """`<path>` (JSON) and `<path>.md`: the methods side by side."""
+    write_json(path, table)
+    lines = ["| method | " + " | ".join(c for c, _, _ in ABLATION_COLUMNS) + " |",
+             "|---" * (len(ABLATION_COLUMNS) + 1) + "|"]
+    for method, res in table.items():
+        cells = []
+        for _, split, key in ABLATION_COLUMNS:
+            v = res[split].get(key)
+            cells.append("n/a" if v is None or v != v else f"{v:.2f}" if key.startswith("step") else f"{v:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")

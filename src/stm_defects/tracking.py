@@ -26,7 +26,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = {"ae1": "stm-ae1", "kmeans": "stm-kmeans", "ae2": "stm-ae2", "gmm": "stm-gmm"}
+MODEL_NAMES = {"ae1": "stm-ae1", "kmeans": "stm-kmeans", "ae2": "stm-ae2", "gmm": "stm-gmm",
+               "improved": "stm-improved"}
 STAGES = {"production": "Production", "staging": "Staging", "archived": "Archived"}
 PIP_REQUIREMENTS = ["torch==2.13.0", "scikit-learn", "numpy", "stm-defects"]
 
@@ -337,7 +338,15 @@ def pipeline_set(run: str = "latest", experiment: str = "stm-defects") -> dict:
         where = "any pipeline run" if run == "latest" else f"pipeline run {run}"
         raise TrackingError(f"no registered {MODEL_NAMES['gmm']} version from {where} (run `make run` first)")
     newest = max(gmms, key=lambda v: int(v.version))
-    return lineage_set(client, newest)
+    versions = lineage_set(client, newest)
+    try:   # the improved analysis has no AE1 lineage: take the newest one of the same pipeline run
+        improved = client.search_model_versions(f"name = '{MODEL_NAMES['improved']}'")
+    except Exception:  # noqa: BLE001
+        improved = []
+    same_run = [v for v in improved if v.tags.get("pipeline_run_id") == newest.tags.get("pipeline_run_id")]
+    if same_run or improved:
+        versions["improved"] = max(int(v.version) for v in (same_run or improved))
+    return versions
 
 
 def list_models(experiment: str = "stm-defects") -> list[dict]:
@@ -369,8 +378,11 @@ def list_models(experiment: str = "stm-defects") -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- loading
-def load_registered(stage: str = "Production", experiment: str = "stm-defects"):
-    """A `pipeline.Models` from the registry versions that hold `stage`'s alias."""
+def load_registered(stage: str = "Production", experiment: str = "stm-defects", method: str = "improved"):
+    """A `pipeline.Models` from the registry versions that hold `stage`'s alias.
+
+    The improved analysis' state is needed only when `method` is "improved".
+    """
     from .pipeline import Models
 
     alias = stage.lower()
@@ -381,8 +393,10 @@ def load_registered(stage: str = "Production", experiment: str = "stm-defects"):
     import mlflow.sklearn
 
     client = mlflow.MlflowClient()
-    loaded, versions = {}, {}
+    loaded, versions, tags = {}, {}, {}
     for key, name in MODEL_NAMES.items():
+        if key == "improved" and method != "improved":
+            continue
         try:
             mv = client.get_model_version_by_alias(name, alias)
         except Exception:  # noqa: BLE001
@@ -392,25 +406,27 @@ def load_registered(stage: str = "Production", experiment: str = "stm-defects"):
         flavour = mlflow.pytorch if key in ("ae1", "ae2") else mlflow.sklearn
         loaded[key] = flavour.load_model(uri)
         versions[key] = {"name": name, "version": int(mv.version), "stage": STAGES[alias]}
-        if key == "gmm":
-            gmm_tags = mv.tags
-    calibration = json.loads(gmm_tags.get("calibration", "{}"))
-    class_names = json.loads(gmm_tags.get("class_names", "{}"))
+        tags[key] = mv.tags
+    calibration = json.loads(tags["gmm"].get("calibration", "{}"))
+    classifier = "improved" if method == "improved" else "gmm"
+    class_names = {"-1": "unknown", **json.loads(tags[classifier].get("class_names", "{}"))}
     models = Models(ae1=loaded["ae1"].eval(), kmeans=loaded["kmeans"], ae2=loaded["ae2"].eval(),
-                    gmm=loaded["gmm"], calibration=calibration, versions=versions, class_names=class_names)
+                    gmm=loaded["gmm"], calibration=calibration, versions=versions, class_names=class_names,
+                    improved=loaded.get("improved"))
     return models
 
 
-def set_class_names(names: dict, version: str | int | None = None, experiment: str = "stm-defects") -> int:
-    """Store class id -> name on a GMM version (default: the Production one)."""
+def set_class_names(names: dict, version: str | int | None = None, experiment: str = "stm-defects",
+                    key: str = "improved") -> int:
+    """Store class id -> name on a classifier version (`improved` or `gmm`; default: Production)."""
     client = _client(experiment)
-    name = MODEL_NAMES["gmm"]
+    name = MODEL_NAMES[key]
     if version is None:
         try:
             version = client.get_model_version_by_alias(name, "production").version
         except Exception:  # noqa: BLE001
             raise TrackingError(f"no {name} version in Production; give --version") from None
-    mv = resolve_version(client, "gmm", version)
+    mv = resolve_version(client, key, version)
     current = json.loads(mv.tags.get("class_names", "{}"))
     current.update({str(k): v for k, v in names.items()})
     client.set_model_version_tag(name, str(version), "class_names", json.dumps(current))

@@ -53,6 +53,7 @@ __all__ = [
     "apply_best",
     "default_storage",
     "load_tuned",
+    "median_pruner",
     "pruning_callback",
     "read_best",
     "tune_ae1_latent",
@@ -76,7 +77,7 @@ def default_storage() -> str:
     """``STM_OPTUNA_STORAGE`` if set, else ``sqlite:///<repo>/mlruns/optuna.db`` (outside DVC)."""
     if os.environ.get("STM_OPTUNA_STORAGE"):
         return os.environ["STM_OPTUNA_STORAGE"]
-    from .tracking import repo_root          # no MLflow import: repo_root is plain pathlib
+    from .tracking import repo_root  # no MLflow import: repo_root is plain pathlib
 
     folder = repo_root() / "mlruns"
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,7 +213,8 @@ def _trial_rows(study) -> list[dict]:
                         if k != "duplicate_of" and isinstance(v, (int, float, str))},
                      "steps": len(t.intermediate_values),
                      "seconds": round(t.duration.total_seconds(), 3) if t.duration else None})
-    return rows
+    keys = list(dict.fromkeys(k for row in rows for k in row))      # same columns in every row (CSV)
+    return [{k: row.get(k) for k in keys} for row in rows]
 
 
 # ------------------------------------------------------------------------------------- AE1
@@ -232,6 +234,34 @@ def pruning_callback(trial, last_epoch: int | None = None) -> Callable[[int, flo
     return should_stop
 
 
+def median_pruner(n_startup_trials: int = 2, n_warmup_steps: int = 1):
+    """Optuna's median rule over *distinct* trials (duplicates answered from an earlier trial do
+    not count): prune when the trial's best value so far is worse than the median of the
+    distinct completed trials at the same step, once `n_startup_trials` of them exist."""
+    import optuna
+    from optuna.trial import TrialState
+
+    class DistinctMedianPruner(optuna.pruners.BasePruner):
+        def __init__(self, n_startup_trials: int, n_warmup_steps: int):
+            self.n_startup_trials, self.n_warmup_steps = int(n_startup_trials), int(n_warmup_steps)
+
+        def prune(self, study, trial) -> bool:
+            step = trial.last_step
+            if step is None or step < self.n_warmup_steps:
+                return False
+            done = [t.intermediate_values[step]
+                    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if "duplicate_of" not in t.user_attrs and step in t.intermediate_values]
+            if len(done) < max(self.n_startup_trials, 1):
+                return False
+            best = min((v for s, v in trial.intermediate_values.items() if s <= step), default=math.nan)
+            if math.isnan(best):
+                return True
+            return best > float(np.nanmedian(done))
+
+    return DistinctMedianPruner(n_startup_trials, n_warmup_steps)
+
+
 def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequence[int] = (16, 32, 64, 128, 256),
                     n_trials: int = 4, epochs: int = 3, seed: int = 0, storage: str | None = None,
                     study_name: str = "ae1-latent", log_trial: LogTrial | None = None, *,
@@ -243,8 +273,9 @@ def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequen
     for every trial) and trains it with ``train_cfg`` (``epochs`` and, when given, `batch_size`
     replaced: a smaller batch gives a short run more optimiser steps) on a seeded subsample of at
     most `max_patches` patches. The validation loss of every epoch goes to
-    ``trial.report``; `pruner` (default ``MedianPruner(n_startup_trials=2, n_warmup_steps=1)``)
-    stops trials whose loss is worse than the median of earlier trials at the same epoch.
+    ``trial.report``; `pruner` (default :func:`median_pruner`: Optuna's median rule after 2
+    distinct completed trials, from the second epoch) stops trials whose loss is worse than the
+    median of earlier trials at the same epoch; the last epoch is never pruned.
     Each trial records the model's parameter count (``n_params``).
 
     `tolerance` trades loss for size as the report did (it kept 32): the chosen latent is the
@@ -268,7 +299,7 @@ def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequen
     tcfg = dataclasses.replace(train_cfg, epochs=int(epochs),
                                batch_size=int(batch_size or train_cfg.batch_size))
     if pruner is None:
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        pruner = median_pruner(n_startup_trials=2, n_warmup_steps=1)
     base = dataclasses.asdict(base_ae_cfg)
     base.pop("latent", None)
     name = f"{study_name}-" + _fingerprint(
@@ -306,7 +337,7 @@ def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequen
     chosen = min((t for t in complete if t.value <= limit), key=lambda t: t.params["latent"])
     return {"best_latent": int(chosen.params["latent"]), "best_value": float(chosen.value),
             "min_loss_latent": int(best.params["latent"]), "min_value": float(best.value),
-            "tolerance": float(tolerance), "n_patches": int(len(arr)), "study_name": name,
+            "tolerance": float(tolerance), "n_patches": len(arr), "study_name": name,
             "study": study, "trials": _trial_rows(study)}
 
 
@@ -367,7 +398,7 @@ def tune_gmm(latents: np.ndarray, k_range: tuple[int, int] = (2, 12),
         raise TuningError(f"study {name}: no GMM trial completed")
     best = min(complete, key=lambda t: (t.value, t.params["k"]))
     return {"k": int(best.params["k"]), "covariance_type": str(best.params["covariance_type"]),
-            "best_value": float(best.value), "n_latents": int(len(X)), "study_name": name,
+            "best_value": float(best.value), "n_latents": len(X), "study_name": name,
             "study": study, "trials": _trial_rows(study)}
 
 
@@ -480,23 +511,23 @@ def save_study_plots(study, out_dir: str | Path, tag: str, seed: int = 0,
 
     The importance plot is skipped when fewer than 2 distinct trials completed; with a single
     searched parameter it is trivially 1.0 but still drawn, as the issue asks for it.
-    `importance` (from :func:`importances`) saves computing it again.
+    `importance` (from :func:`importances`) saves computing it again. History and per-epoch
+    plots show every trial with its number (as in the logs, ``trials_<tag>.csv`` and MLflow;
+    duplicates repeat their original's value); importances use the distinct trials only.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import optuna
     import optuna.visualization.matplotlib as ovm
 
     out, copy, written = Path(out_dir), _distinct_copy(study), []
-    jobs = [("history", lambda: ovm.plot_optimization_history(copy))]
+    jobs = [("history", lambda: ovm.plot_optimization_history(study))]
     if importance is None:
         importance = importances(study, seed)
     if importance:
         jobs.append(("importance", lambda: ovm.plot_param_importances(
-            copy, evaluator=__import__("optuna").importance.FanovaImportanceEvaluator(seed=seed))))
-    if intermediate and any(t.intermediate_values for t in copy.get_trials(deepcopy=False)):
-        jobs.append(("intermediate", lambda: ovm.plot_intermediate_values(copy)))
+            copy, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))))
+    if intermediate and any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        jobs.append(("intermediate", lambda: ovm.plot_intermediate_values(study)))
     for kind, draw in jobs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")             # ExperimentalWarning of the matplotlib backend
@@ -506,7 +537,7 @@ def save_study_plots(study, out_dir: str | Path, tag: str, seed: int = 0,
                 log.info("%s: no %s plot (%s)", study.study_name, kind, err)
                 continue
         fig = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
-        fig.set_size_inches(6.4, 4.2)
+        fig.set_size_inches(7.5 if kind == "intermediate" else 6.4, 4.2)
         fig.tight_layout()
         path = out / f"{kind}_{tag}.png"
         fig.savefig(path, dpi=90)
@@ -568,8 +599,8 @@ def tune_stage(params, patches_path: str | Path | None, defect_patches_path: str
                             n_trials=tp.ae1_trials, epochs=tp.ae1_epochs, seed=params.seed,
                             storage=storage, study_name="ae1-latent", log_trial=log_trial,
                             max_patches=getattr(tp, "ae1_max_patches", 3000),
-                            batch_size=getattr(tp, "ae1_batch_size", None),
-                            tolerance=getattr(tp, "ae1_tolerance", 0.0))
+                            batch_size=getattr(tp, "ae1_batch_size", 64),
+                            tolerance=getattr(tp, "ae1_tolerance", 0.1))
         best["ae1"] = {"latent": r["best_latent"]}
         states = [row["state"] for row in r["trials"] if row["duplicate_of"] is None]
         imp = importances(r["study"], params.seed)
