@@ -24,6 +24,8 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to 
 ProfileOpt = Annotated[Optional[str], typer.Option(
     "--profile", help="Override the params' profile (default | paper).")]
 TrackOpt = Annotated[bool, typer.Option("--track/--no-track", help="Log the run to MLflow (mlruns/).")]
+TunedOpt = Annotated[Optional[Path], typer.Option(
+    "--tuned", help="tuned.json from `stm tune`: its values override params.yaml (when tune.use_tuned).")]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -162,6 +164,41 @@ def prepare(
 
 
 # --------------------------------------------------------------------------------- model stages
+@app.command()
+@user_errors
+def tune(
+    out: Annotated[Path, typer.Option(help="Output folder (rewritten): tuned.json, metrics, trials, plots.")],
+    patches: Annotated[Optional[Path], typer.Option(help="Training patches npz: tune AE1's latent size.")] = None,
+    defect_patches: Annotated[Optional[Path], typer.Option(
+        help="Defect patches npz: tune the GMM's k x covariance type by BIC (with --ae2).")] = None,
+    ae2: Annotated[Optional[Path], typer.Option(help="AE2 checkpoint that encodes the defect patches.")] = None,
+    storage: Annotated[Optional[str], typer.Option(
+        help="Optuna storage URL (default sqlite:///<repo>/mlruns/optuna.db, outside DVC).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    track: TrackOpt = True,
+):
+    """Optuna: AE1's latent size (pruned on validation loss) and/or the GMM's k x covariance (BIC)."""
+    from .stages import StageError
+    from .tracking import Tracker
+    from .tuning import tune_stage
+
+    if patches is None and defect_patches is None:
+        raise StageError("give --patches (AE1 study) and/or --defect-patches with --ae2 (GMM study)")
+    p = _params(params, profile)
+    name = "tune_" + "_".join(k for k, v in (("ae1", patches), ("gmm", defect_patches)) if v is not None)
+    with Tracker(p, name, enabled=track) as tr:
+        m = tune_stage(p, patches, defect_patches, out, tracker=tr, ae2_path=ae2, storage=storage)
+    if "ae1_latent" in m:
+        typer.echo(f"AE1 latent {m['ae1_latent']} (val MSE {m['ae1_val_loss']:.5f}; lowest "
+                   f"{m['ae1_min_val_loss']:.5f} at {m['ae1_min_loss_latent']}; "
+                   f"{m['ae1_trials_complete']} complete, {m['ae1_trials_pruned']} pruned)")
+    if "gmm_k" in m:
+        typer.echo(f"GMM k={m['gmm_k']} covariance={m['gmm_covariance_type']} BIC {m['gmm_bic']:.1f} "
+                   f"({m['gmm_trials_complete']} trials)")
+    typer.echo(f"-> {out / 'tuned.json'}")
+
+
 def _epoch_logger(name: str):
     def on_epoch(epoch, train_loss, val_loss, lr):
         log.info("%s epoch %3d  train %.5f  val %.5f  lr %.1e", name, epoch + 1, train_loss, val_loss, lr)
@@ -176,6 +213,7 @@ def train_ae(
     out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
     ae1: Annotated[Optional[Path], typer.Option(
         help="AE2 only: the AE1 checkpoint the defect patches came from (lineage).")] = None,
+    tuned: TunedOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
     track: TrackOpt = True,
@@ -183,10 +221,13 @@ def train_ae(
     """Train an autoencoder (per-epoch losses are logged)."""
     from . import stages
     from .tracking import Tracker
+    from .tuning import load_tuned
 
     p = _params(params, profile)
+    used = load_tuned(p, tuned) if tuned else p
     with Tracker(p, f"train_{which}", enabled=track) as tr:
-        m = stages.train_autoencoder(p, which, patches, out, on_epoch=_epoch_logger(which.upper()),
+        tr.params = used   # log the values used; the pipeline grouping (set on enter) stays params.yaml's
+        m = stages.train_autoencoder(used, which, patches, out, on_epoch=_epoch_logger(which.upper()),
                                      tracker=tr, ae1_path=ae1)
     typer.echo(f"{which}: best val MSE {m['best_val_loss']:.5f} after {m['epochs_run']} epochs "
                f"({m['patches_per_s']:.0f} patches/s) -> {out}")
@@ -246,6 +287,7 @@ def gmm(
     kmeans: Annotated[Optional[Path], typer.Option(help="K-means model behind the mask (lineage).")] = None,
     calibration: Annotated[Optional[Path], typer.Option(
         help="Mask calibration behind the patches; stored with the GMM version.")] = None,
+    tuned: TunedOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
     track: TrackOpt = True,
@@ -253,10 +295,13 @@ def gmm(
     """Gaussian mixtures over covariance type x k on AE2 latents, chosen by BIC."""
     from . import stages
     from .tracking import Tracker
+    from .tuning import load_tuned
 
     p = _params(params, profile)
+    used = load_tuned(p, tuned) if tuned else p
     with Tracker(p, "gmm", enabled=track) as tr:
-        m = stages.cluster_defects(p, ae2, patches, out, tracker=tr,
+        tr.params = used
+        m = stages.cluster_defects(used, ae2, patches, out, tracker=tr,
                                    lineage={"ae1": ae1, "kmeans": kmeans, "calibration": calibration})
     typer.echo(f"GMM: k={m['k']} covariance={m['covariance_type']} BIC {m['bic']:.1f} -> {out}")
 
@@ -279,7 +324,9 @@ def evaluate(
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("reports/evaluation.json"),
     per_scan: Annotated[Path, typer.Option(help="Per-scan scores JSON.")] = Path("reports/evaluation_per_scan.json"),
     ablation: Annotated[Optional[Path], typer.Option(
-        help="Also score the other method and write this ablation JSON (+ .md).")] = None,
+        help="Also score the other method and write this ablation JSON.")] = None,
+    ablation_md: Annotated[Optional[Path], typer.Option(
+        help="Markdown table of the ablation (default: the JSON path with .md).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
     track: TrackOpt = True,
@@ -293,7 +340,7 @@ def evaluate(
     n = (len(splits["test"]) + len(splits["hard"])) * (2 if ablation else 1)
     with Tracker(p, "evaluate", enabled=track) as tr, _progress(n, "evaluate") as bar:
         m = stages.evaluate(p, raw, manifest, models, metrics, per_scan, ablation_path=ablation,
-                            progress=bar.update, tracker=tr)
+                            progress=bar.update, tracker=tr, ablation_md=ablation_md)
     for split in ("test", "hard"):
         s = m[split]
         typer.echo(f"{split} ({m['method']}): F1 {s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f})  "
@@ -302,8 +349,9 @@ def evaluate(
     typer.echo(f"rotation agreement {m['test']['rotation_agreement']:.3f} "
                f"({m['test']['rotation_pairs']} defect pairs)")
     if ablation:
-        typer.echo(f"ablation: {ablation.with_suffix('.md')}")
-        typer.echo(ablation.with_suffix(".md").read_text().rstrip())
+        md = ablation_md or ablation.with_suffix(".md")
+        typer.echo(f"ablation ({md}):")
+        typer.echo(md.read_text().rstrip())
 
 
 @app.command()

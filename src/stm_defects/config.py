@@ -137,10 +137,14 @@ class TrackingParams:
 
 @dataclass(frozen=True)
 class TuneParams:
+    use_tuned: bool = True                  # train_ae1 / gmm read tuning/*/tuned.json
     ae1_trials: int = 4
     ae1_latents: tuple[int, ...] = (16, 32, 64, 128, 256)
     ae1_epochs: int = 3
-    gmm_trials: int = 12
+    ae1_max_patches: int = 3000
+    ae1_batch_size: int | None = 64         # None: ae1_train.batch_size
+    ae1_tolerance: float = 0.1
+    gmm_trials: int = 16
 
 
 @dataclass(frozen=True)

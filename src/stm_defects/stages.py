@@ -625,7 +625,7 @@ def rotation_agreement(params: Params, raw_dir: Path, names: list[str], models) 
 
 def evaluate(params: Params, raw_dir: str | Path, manifest_path: str | Path, models_dir: str | Path,
              metrics_path: str | Path, per_scan_path: str | Path, ablation_path: str | Path | None = None,
-             progress=None, tracker=None) -> dict:
+             progress=None, tracker=None, ablation_md: str | Path | None = None) -> dict:
     """Detection, class, step-edge and rotation scores on the test and hard splits.
 
     The configured method goes to `metrics_path`; with `ablation_path`, both methods (the
@@ -657,7 +657,8 @@ def evaluate(params: Params, raw_dir: str | Path, manifest_path: str | Path, mod
     write_json(metrics_path, metrics)
     write_json(per_scan_path, rows)
     if ablation_path is not None:
-        write_ablation(table, Path(ablation_path))
+        ablation_md = Path(ablation_md or Path(ablation_path).with_suffix(".md"))
+        write_ablation(table, Path(ablation_path), ablation_md)
     if tracker is not None:
         tracker.params_of("evaluate")
         for split in ("test", "hard"):
@@ -666,7 +667,7 @@ def evaluate(params: Params, raw_dir: str | Path, manifest_path: str | Path, mod
             for split in ("test", "hard"):
                 tracker.metrics(res[split], prefix=f"ablation_{method}_{split}_")
         if ablation_path is not None:
-            tracker.artifacts(ablation_path, Path(ablation_path).with_suffix(".md"))
+            tracker.artifacts(ablation_path, ablation_md)
         import tempfile
 
         from .predict import predict_scan
@@ -685,8 +686,8 @@ ABLATION_COLUMNS = [("F1 test", "test", "f1"), ("F1 hard", "hard", "f1"),
                     ("purity test", "test", "purity"), ("rotation agreement", "test", "rotation_agreement")]
 
 
-def write_ablation(table: dict, path: Path) -> None:
-    """`<path>` (JSON) and `<path>.md`: the methods side by side."""
+def write_ablation(table: dict, path: Path, md_path: Path | None = None) -> None:
+    """`path` (JSON) and `md_path` (markdown, default `<path>.md`): the methods side by side."""
     write_json(path, table)
     lines = ["| method | " + " | ".join(c for c, _, _ in ABLATION_COLUMNS) + " |",
              "|---" * (len(ABLATION_COLUMNS) + 1) + "|"]
@@ -696,4 +697,4 @@ def write_ablation(table: dict, path: Path) -> None:
             v = res[split].get(key)
             cells.append("n/a" if v is None or v != v else f"{v:.2f}" if key.startswith("step") else f"{v:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (md_path or path.with_suffix(".md")).write_text("\n".join(lines) + "\n")
