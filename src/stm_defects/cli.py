@@ -10,7 +10,7 @@ import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,10 +21,10 @@ app = typer.Typer(
 log = logging.getLogger("stm_defects")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
-ProfileOpt = Annotated[Optional[str], typer.Option(
+ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", help="Override the params' profile (default | paper).")]
 TrackOpt = Annotated[bool, typer.Option("--track/--no-track", help="Log the run to MLflow (mlruns/).")]
-TunedOpt = Annotated[Optional[Path], typer.Option(
+TunedOpt = Annotated[Path | None, typer.Option(
     "--tuned", help="tuned.json from `stm tune`: its values override params.yaml (when tune.use_tuned).")]
 
 
@@ -79,7 +79,7 @@ def _progress(total: int, desc: str):
 @user_errors
 def info(
     paths: Annotated[list[Path], typer.Argument(help="Scan files or folders (searched recursively).")],
-    direction: Annotated[Optional[str], typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
+    direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
 ):
     """One line per scan: format, shape, pixel size, channel, direction, height range."""
     from .scans import ScanError, find_scans, read_scan
@@ -168,11 +168,11 @@ def prepare(
 @user_errors
 def tune(
     out: Annotated[Path, typer.Option(help="Output folder (rewritten): tuned.json, metrics, trials, plots.")],
-    patches: Annotated[Optional[Path], typer.Option(help="Training patches npz: tune AE1's latent size.")] = None,
-    defect_patches: Annotated[Optional[Path], typer.Option(
+    patches: Annotated[Path | None, typer.Option(help="Training patches npz: tune AE1's latent size.")] = None,
+    defect_patches: Annotated[Path | None, typer.Option(
         help="Defect patches npz: tune the GMM's k x covariance type by BIC (with --ae2).")] = None,
-    ae2: Annotated[Optional[Path], typer.Option(help="AE2 checkpoint that encodes the defect patches.")] = None,
-    storage: Annotated[Optional[str], typer.Option(
+    ae2: Annotated[Path | None, typer.Option(help="AE2 checkpoint that encodes the defect patches.")] = None,
+    storage: Annotated[str | None, typer.Option(
         help="Optuna storage URL (default sqlite:///<repo>/mlruns/optuna.db, outside DVC).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
@@ -211,7 +211,7 @@ def train_ae(
     which: Annotated[str, typer.Argument(help="ae1 (general patches) or ae2 (defect patches).")],
     patches: Annotated[Path, typer.Option(help="npz with a `patches` array (N, 1, 32, 32).")],
     out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
-    ae1: Annotated[Optional[Path], typer.Option(
+    ae1: Annotated[Path | None, typer.Option(
         help="AE2 only: the AE1 checkpoint the defect patches came from (lineage).")] = None,
     tuned: TunedOpt = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -283,9 +283,9 @@ def gmm(
     ae2: Annotated[Path, typer.Option(help="AE2 checkpoint.")],
     patches: Annotated[Path, typer.Option(help="Defect patches npz.")],
     out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
-    ae1: Annotated[Optional[Path], typer.Option(help="AE1 checkpoint behind the patches (lineage).")] = None,
-    kmeans: Annotated[Optional[Path], typer.Option(help="K-means model behind the mask (lineage).")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(
+    ae1: Annotated[Path | None, typer.Option(help="AE1 checkpoint behind the patches (lineage).")] = None,
+    kmeans: Annotated[Path | None, typer.Option(help="K-means model behind the mask (lineage).")] = None,
+    calibration: Annotated[Path | None, typer.Option(
         help="Mask calibration behind the patches; stored with the GMM version.")] = None,
     tuned: TunedOpt = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -323,9 +323,9 @@ def evaluate(
     models: Annotated[Path, typer.Option(help="Folder of trained models.")] = Path("models"),
     metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("reports/evaluation.json"),
     per_scan: Annotated[Path, typer.Option(help="Per-scan scores JSON.")] = Path("reports/evaluation_per_scan.json"),
-    ablation: Annotated[Optional[Path], typer.Option(
+    ablation: Annotated[Path | None, typer.Option(
         help="Also score the other method and write this ablation JSON.")] = None,
-    ablation_md: Annotated[Optional[Path], typer.Option(
+    ablation_md: Annotated[Path | None, typer.Option(
         help="Markdown table of the ablation (default: the JSON path with .md).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
@@ -434,9 +434,9 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs/predict"),
     model_stage: Annotated[str, typer.Option(
         help="Registry stage to predict with: Production or Staging.")] = "Production",
-    models: Annotated[Optional[Path], typer.Option(
+    models: Annotated[Path | None, typer.Option(
         help="Use models from this local folder (ae1/, kmeans/, ae2/, gmm/) instead of the registry.")] = None,
-    direction: Annotated[Optional[str], typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
+    direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
 ):
@@ -476,9 +476,9 @@ def predict(
 @app.command()
 @user_errors
 def promote(
-    model: Annotated[Optional[str], typer.Argument(help="ae1, kmeans, ae2 or gmm (with VERSION).")] = None,
-    version: Annotated[Optional[int], typer.Argument(help="Version of MODEL to promote.")] = None,
-    run: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Argument(help="ae1, kmeans, ae2 or gmm (with VERSION).")] = None,
+    version: Annotated[int | None, typer.Argument(help="Version of MODEL to promote.")] = None,
+    run: Annotated[str | None, typer.Option(
         help="Promote the model set of a pipeline run: `latest` or a parent RUN_ID.")] = None,
     model_stage: Annotated[str, typer.Option(help="Production, Staging or Archived.")] = "Production",
     force: Annotated[bool, typer.Option(help="Promote even if the set's lineage does not match.")] = False,
@@ -542,7 +542,7 @@ def ui(
 def name_class(
     class_id: Annotated[int, typer.Argument(help="Defect class id (as in predictions).")],
     name: Annotated[str, typer.Argument(help="A name, e.g. dimer_vacancy.")],
-    version: Annotated[Optional[int], typer.Option(help="Classifier version (default: Production).")] = None,
+    version: Annotated[int | None, typer.Option(help="Classifier version (default: Production).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
 ):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Params
-from .io import fresh_dir, read_json, save_png, write_csv, write_json
+from .io import fresh_dir, read_json, write_csv, write_json
 from .scans import ScanError, find_scans, read_scan
 
 log = logging.getLogger(__name__)
@@ -171,10 +171,10 @@ def prepare(params: Params, raw_dir: str | Path, summary_path: str | Path, out_d
     patches = np.concatenate(patches).astype(np.float32)          # (N, 1, s, s)
     np.savez(out / "train_patches.npz", patches=patches, origins=np.concatenate(origins),
              scan_index=np.concatenate(owners))
-    manifest = {"splits": splits, "n_patches": int(len(patches)), "patch": params.prepare.patch,
+    manifest = {"splits": splits, "n_patches": len(patches), "patch": params.prepare.patch,
                 "stride": params.prepare.stride, "raw_dir": str(raw_dir)}
     write_json(out / "manifest.json", manifest)
-    return {k: len(v) for k, v in splits.items()} | {"n_patches": int(len(patches))}
+    return {k: len(v) for k, v in splits.items()} | {"n_patches": len(patches)}
 
 
 # ------------------------------------------------------------------------------ autoencoders
@@ -243,7 +243,7 @@ def train_autoencoder(params: Params, which: str, patches_path: str | Path, out_
     _plot_history(h, out / "loss.png", f"{which.upper()} loss")
     _plot_reconstructions(model, patches, out / "reconstructions.png", seed=params.seed)
     metrics = {
-        "n_patches": int(len(patches)), "n_params": count_parameters(model),
+        "n_patches": len(patches), "n_params": count_parameters(model),
         "epochs_run": hist.epochs_run, "best_epoch": hist.best_epoch,
         "final_train_loss": h["train_loss"][-1], "final_val_loss": h["val_loss"][-1],
         "best_val_loss": hist.best_val_loss, "patches_per_s": hist.patches_per_s,
@@ -326,7 +326,7 @@ def cluster_general(params: Params, ae1_path: str | Path, patches_path: str | Pa
     chosen = next(r for r in sweep if r["k"] == k)
     fractions = np.bincount(labels, minlength=k) / len(labels)
     metrics = {"k": k, "inertia": chosen["inertia"], "silhouette": chosen["silhouette"],
-               "davies_bouldin": chosen["davies_bouldin"], "n_latents": int(len(latents)),
+               "davies_bouldin": chosen["davies_bouldin"], "n_latents": len(latents),
                "cluster_fractions": [round(float(f), 4) for f in fractions]}
     write_json(out / "metrics.json", metrics)
     _plot_tsne(latents, labels, out / "tsne.png", params.seed)
@@ -444,7 +444,7 @@ def defects(params: Params, raw_dir: str | Path, manifest_path: str | Path, mode
         patches, centres, owner = patches[keep], centres[keep], owner[keep]
     np.savez(out / "patches.npz", patches=patches.astype(np.float32), centres=centres, scan_index=owner)
     write_json(calibration_path, calib)
-    metrics = {"n_defect_patches": int(len(patches)), "mean_mask_fraction": float(np.mean(masked)),
+    metrics = {"n_defect_patches": len(patches), "mean_mask_fraction": float(np.mean(masked)),
                **calib}
     write_json(out / "metrics.json", metrics)
     _plot_mask_example(images[0], maps[0], defect_mask(maps[0][1], maps[0][0], cfg), out / "example_mask.png")
@@ -522,7 +522,7 @@ def cluster_defects(params: Params, ae2_path: str | Path, patches_path: str | Pa
                 and g["covariance_type"] == gmm.covariance_type_)
     metrics = {"k": int(gmm.n_components_), "covariance_type": gmm.covariance_type_,
                "bic": best["bic"], "aic": best["aic"], "silhouette": best["silhouette"],
-               "davies_bouldin": best["davies_bouldin"], "n_latents": int(len(latents))}
+               "davies_bouldin": best["davies_bouldin"], "n_latents": len(latents)}
     write_json(out / "metrics.json", metrics)
     if tracker is not None:
         lineage = dict(lineage or {})

@@ -154,7 +154,10 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb):
         if self.enabled and self.mlflow is not None:
-            self.mlflow.end_run("FAILED" if exc_type else "FINISHED")
+            status = "FAILED" if exc_type else "FINISHED"
+            self.mlflow.end_run(status)
+            # The parent stays open only while a stage runs: its end time is the last stage's.
+            self.mlflow.MlflowClient().set_terminated(self.parent_id, status)
         return False
 
     # -- logging helpers; each ignores calls when disabled
@@ -388,7 +391,8 @@ def load_registered(stage: str = "Production", experiment: str = "stm-defects", 
     alias = stage.lower()
     if alias not in ("production", "staging"):
         raise TrackingError(f"can only predict with Production or Staging models, not {stage!r}")
-    mlflow = connect(experiment)
+    connect(experiment)
+    import mlflow
     import mlflow.pytorch
     import mlflow.sklearn
 
