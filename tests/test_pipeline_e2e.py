@@ -154,8 +154,14 @@ def test_stage_outputs(pipeline):
         assert "rotation_agreement" in res["test"]
     table = (root / "reports/ablation.md").read_text().splitlines()
     assert table[0].startswith("| method |") and len(table) == 4
+    assert (root / "models/improved/gallery.png").stat().st_size > 0
     assert len(json.loads((root / "reports/evaluation_per_scan.json").read_text())) == \
         len(splits["test"]) + len(splits["hard"])
+
+
+def test_classes_gallery_from_local_models(pipeline):
+    ok("classes", SCAN, "--models", "models", "--out", "out/gallery.png")
+    assert Path("out/gallery.png").stat().st_size > 0
 
 
 # --------------------------------------------------------------------- registry + predict

@@ -405,6 +405,38 @@ def train(
                + (" or promote them with `stm promote --run latest`" if track else ""))
 
 
+@app.command()
+@user_errors
+def classes(
+    paths: Annotated[list[Path], typer.Argument(help="Scan files or folders to take examples from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("outputs/classes.png"),
+    model_stage: Annotated[str, typer.Option(help="Registry stage: Production or Staging.")] = "Production",
+    models: Annotated[Path | None, typer.Option(help="Local models folder instead of the registry.")] = None,
+    per_class: Annotated[int, typer.Option(help="Examples per class.")] = 8,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+):
+    """Per-class gallery of example defects, to decide what each class is (then `stm name-class`)."""
+    from . import stages
+    from .io import save_png
+    from .scans import find_scans
+
+    p = _params(params, profile)
+    if models is not None:
+        bundle = stages.load_models(models)
+    else:
+        from .tracking import load_registered
+
+        bundle = load_registered(model_stage, p.tracking.experiment, p.detector.method)
+    files = find_scans(paths)
+    if not files:
+        typer.echo(f"error: no scans found in {', '.join(map(str, paths))}", err=True)
+        raise typer.Exit(1)
+    images = [stages.load_image(f, p)[1] for f in files]
+    save_png(out, stages.gallery(images, bundle, p, per_class))
+    typer.echo(f"gallery of {len(files)} scan(s) -> {out}")
+
+
 @app.command("fit-improved")
 @user_errors
 def fit_improved_cmd(

@@ -56,3 +56,29 @@ def class_picture(img01: np.ndarray, class_map: np.ndarray, alpha: float = 0.6) 
 def character_picture(char_map: np.ndarray) -> np.ndarray:
     n = int(char_map.max()) + 1 if char_map.size else 1
     return colourise(char_map, max(n, 1))
+
+
+def class_gallery(examples: dict, names: dict | None = None, per_class: int = 8, scale: int = 3) -> np.ndarray:
+    """A per-class montage: one row per class, up to `per_class` example patches each.
+
+    `examples` maps class id (int, -1 = unknown) to a list of (s, s) patches in [0, 1]; the
+    row label is the class name from `names` (str(id) -> name) or the id.
+    """
+    classes = sorted(examples)
+    if not classes:
+        return np.zeros((20, 200, 3), np.uint8)
+    s = next(iter(examples.values()))[0].shape[0] * scale
+    label_w, pad = 110, 4
+    h = len(classes) * (s + pad) + pad
+    w = label_w + per_class * (s + pad) + pad
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for row, cls in enumerate(classes):
+        y = pad + row * (s + pad)
+        name = (names or {}).get(str(cls)) or ("unknown" if cls == -1 else f"class {cls}")
+        draw.text((4, y + s // 2 - 12), name, fill=class_colour(cls))
+        draw.text((4, y + s // 2 + 2), f"n={len(examples[cls])}", fill=(90, 90, 90))
+        for j, patch in enumerate(examples[cls][:per_class]):
+            tile = Image.fromarray(grey_to_rgb(patch)).resize((s, s), Image.NEAREST)
+            canvas.paste(tile, (label_w + pad + j * (s + pad), y))
+    return np.asarray(canvas)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Params
-from .io import fresh_dir, read_json, write_csv, write_json
+from .io import fresh_dir, read_json, save_png, write_csv, write_json
 from .scans import ScanError, find_scans, read_scan
 
 log = logging.getLogger(__name__)
@@ -556,6 +556,9 @@ def fit_improved_stage(params: Params, raw_dir: str | Path, manifest_path: str |
             progress(1)
     state = fit_improved(images, params.improved, params.seed)
     joblib.dump(state, out / "state.joblib")
+    from .pipeline import Models
+
+    save_png(out / "gallery.png", gallery(images[:8], Models(ae1=None, kmeans=None, improved=state), params))
     classes = state.get("classes") or {}
     metrics = {"n_train_images": state["n_train_images"], "n_train_defects": state["n_train_defects"],
                "n_classes": classes.get("n_classes"), "k": classes.get("k")}
@@ -563,9 +566,29 @@ def fit_improved_stage(params: Params, raw_dir: str | Path, manifest_path: str |
     if tracker is not None:
         tracker.params_of("seed", "detector")
         tracker.metrics(metrics, prefix="improved_")
+        tracker.artifacts(out / "gallery.png")
         tracker.register("improved", state, file_sha256(out / "state.joblib"),
                          {"data_version": _data_version(raw_dir)})
     return metrics
+
+
+def gallery(images: list[np.ndarray], models, params, per_class: int = 8) -> np.ndarray:
+    """Per-class montage of defect patches found on preprocessed `images` (RGB uint8)."""
+    from .pipeline import analyse
+    from .render import class_gallery
+    from .windows import windows_at
+
+    examples: dict[int, list] = {}
+    for img in images:
+        regions = analyse(img, models, params).regions
+        if not regions:
+            continue
+        centres = np.array([[int(round(r["y"])), int(round(r["x"]))] for r in regions])
+        patches, _ = windows_at(img, centres, params.prepare.patch)
+        for r, p in zip(regions, patches):
+            if r["class"] is not None:
+                examples.setdefault(int(r["class"]), []).append(p[0])
+    return class_gallery(examples, models.class_names, per_class)
 
 
 def _data_version(path) -> str:
