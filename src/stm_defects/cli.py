@@ -599,8 +599,10 @@ def results():
     typer.echo("results:")
     typer.echo("  synthetic data + montage : data/raw/synthetic/ (montage.png)")
     typer.echo("  validation               : data/validated/summary.json, data/validated/datadocs/index.html")
-    typer.echo("  models                   : models/{ae1,kmeans,ae2,gmm}/ (loss.png, elbow.png, bic.png)")
-    typer.echo("  evaluation               : reports/evaluation.json")
+    typer.echo("  models                   : models/{ae1,kmeans,ae2,gmm,improved}/ (loss.png, elbow.png, bic.png,"
+               " gallery.png)")
+    typer.echo("  evaluation               : reports/evaluation.json, reports/ablation.md")
+    typer.echo("  MLflow                   : make ui  ->  http://127.0.0.1:5000")
     if ev.is_file():
         m = read_json(ev)
         for split in ("test", "hard"):
