@@ -17,3 +17,14 @@ def real_stm_dir() -> Path:
             "../shared/data/real-stm not found: real-data tests need the shared folder beside the repo"
         )
     return REAL_STM_DIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread avoids OpenMP barrier stalls."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -74,6 +74,28 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="scan", file=sys.stderr, dynamic_ncols=True)
 
 
+def scan_files(paths: list[Path]) -> list[Path]:
+    """The scans in `paths` (files, folders searched recursively); none at all is a user error."""
+    from .scans import find_scans
+    from .stages import StageError
+
+    files = find_scans(paths)
+    if not files:
+        raise StageError(f"no scans found in {', '.join(map(str, paths))}")
+    return files
+
+
+def model_bundle(models: Path | None, model_stage: str, params):
+    """Models from a local folder when given, else the registry versions holding `model_stage`."""
+    if models is not None:
+        from .stages import load_models
+
+        return load_models(models)
+    from .tracking import load_registered
+
+    return load_registered(model_stage, params.tracking.experiment, params.detector.method)
+
+
 # ------------------------------------------------------------------------------------------ info
 @app.command()
 @user_errors
@@ -82,13 +104,10 @@ def info(
     direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
 ):
     """One line per scan: format, shape, pixel size, channel, direction, height range."""
-    from .scans import ScanError, find_scans, read_scan
+    from .scans import ScanError, read_scan
 
     failed = []
-    files = find_scans(paths)
-    if not files:
-        typer.echo(f"error: no scans found in {', '.join(map(str, paths))}", err=True)
-        raise typer.Exit(1)
+    files = scan_files(paths)
     for f in files:
         try:
             s = read_scan(f, direction=direction)
@@ -419,19 +438,10 @@ def classes(
     """Per-class gallery of example defects, to decide what each class is (then `stm name-class`)."""
     from . import stages
     from .io import save_png
-    from .scans import find_scans
 
     p = _params(params, profile)
-    if models is not None:
-        bundle = stages.load_models(models)
-    else:
-        from .tracking import load_registered
-
-        bundle = load_registered(model_stage, p.tracking.experiment, p.detector.method)
-    files = find_scans(paths)
-    if not files:
-        typer.echo(f"error: no scans found in {', '.join(map(str, paths))}", err=True)
-        raise typer.Exit(1)
+    bundle = model_bundle(models, model_stage, p)
+    files = scan_files(paths)
     images = [stages.load_image(f, p)[1] for f in files]
     save_png(out, stages.gallery(images, bundle, p, per_class))
     typer.echo(f"gallery of {len(files)} scan(s) -> {out}")
@@ -473,21 +483,12 @@ def predict(
     profile: ProfileOpt = None,
 ):
     """Find and classify defects: per scan a JSON, an overlay, a class map and a character map."""
-    from . import stages
     from .predict import predict_scan, write_summary
-    from .scans import ScanError, find_scans
+    from .scans import ScanError
 
     p = _params(params, profile)
-    files = find_scans(paths)
-    if not files:
-        typer.echo(f"error: no scans found in {', '.join(map(str, paths))}", err=True)
-        raise typer.Exit(1)
-    if models is not None:
-        bundle = stages.load_models(models)
-    else:
-        from .tracking import load_registered
-
-        bundle = load_registered(model_stage, p.tracking.experiment, p.detector.method)
+    files = scan_files(paths)
+    bundle = model_bundle(models, model_stage, p)
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     with _progress(len(files), "predict") as bar:
