@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from stm_defects.models import build_autoencoder, count_parameters, keras_parameter_count
-from stm_defects.training import (
+from stm_defects.models.training import (
     TrainConfig,
     bf16_supported,
     encode,
@@ -70,9 +70,9 @@ def lattice_patches(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 def synth_patches(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, str]:
     """Windows from the project's synthetic scans (preprocessed), else the lattice fallback."""
     try:
-        from stm_defects.preprocess import preprocess
-        from stm_defects.synth import SynthConfig, synth_scan
-        from stm_defects.windows import extract_windows
+        from stm_defects.image.preprocess import preprocess
+        from stm_defects.data.synth import SynthConfig, synth_scan
+        from stm_defects.image.windows import extract_windows
     except ImportError:  # pragma: no cover - fallback when the pipeline modules are absent
         return lattice_patches(n, size, seed), "lattice fallback"
     chunks, have, k = [], 0, 0

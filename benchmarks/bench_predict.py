@@ -25,13 +25,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
 
-    from stm_defects import stages
+    from stm_defects.mlops import stages
     from stm_defects.config import load_params
-    from stm_defects.improved import improved_analyse
-    from stm_defects.masks import defect_mask, defect_regions
-    from stm_defects.pipeline import classify_regions, mask_config, stage1_maps
-    from stm_defects.preprocess import preprocess
-    from stm_defects.synth import synth_scan
+    from stm_defects.improved.method import improved_analyse
+    from stm_defects.paper.masks import defect_mask, defect_regions
+    from stm_defects.paper.method import classify_regions, mask_config, stage1_maps
+    from stm_defects.image.preprocess import preprocess
+    from stm_defects.data.synth import synth_scan
 
     params = load_params(args.params, args.profile)
     models = stages.load_models(args.models)

@@ -3,7 +3,7 @@ import pickle
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from stm_defects.classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes, row_angles
+from stm_defects.improved.classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes, row_angles
 
 
 def _surface(n, angle, blobs, seed=0):

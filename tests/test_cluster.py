@@ -11,7 +11,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler
 from threadpoolctl import threadpool_limits
 
-from stm_defects.cluster import (
+from stm_defects.models.cluster import (
     GMMSelector,
     LatentKMeans,
     choose_k,

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from stm_defects.evaluate import (
+from stm_defects.analysis.scores import (
     aggregate,
     class_scores,
     detection_scores,

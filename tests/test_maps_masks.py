@@ -5,9 +5,9 @@ import pytest
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from stm_defects.cluster import make_kmeans
-from stm_defects.maps import character_map, colourise, error_map
-from stm_defects.masks import (
+from stm_defects.models.cluster import make_kmeans
+from stm_defects.paper.maps import character_map, colourise, error_map
+from stm_defects.paper.masks import (
     MaskConfig,
     defect_mask,
     defect_regions,

@@ -166,7 +166,7 @@ def test_classes_gallery_from_local_models(pipeline):
 
 # --------------------------------------------------------------------- registry + predict
 def test_promote_latest_then_predict_from_production(promoted):
-    from stm_defects.tracking import pipeline_set
+    from stm_defects.mlops.tracking import pipeline_set
 
     latest = pipeline_set("latest")
     assert set(latest) == set(MODEL_NAMES)
@@ -239,7 +239,7 @@ def test_predict_with_nothing_promoted_is_clear(pipeline, tmp_path, monkeypatch)
 @pytest.fixture(scope="module")
 def second_ae1(promoted):
     """A second AE1 (another seed) registered as a new version; no K-means/AE2/GMM built on it."""
-    from stm_defects.tracking import pipeline_set
+    from stm_defects.mlops.tracking import pipeline_set
 
     before = pipeline_set("latest")
     tiny_params(Path("params_seed7.yaml"), seed=7)
@@ -250,7 +250,7 @@ def second_ae1(promoted):
 
 
 def test_new_ae1_does_not_change_the_latest_set(second_ae1):
-    from stm_defects.tracking import pipeline_set
+    from stm_defects.mlops.tracking import pipeline_set
 
     before, _ = second_ae1
     assert pipeline_set("latest") == before
@@ -259,7 +259,7 @@ def test_new_ae1_does_not_change_the_latest_set(second_ae1):
 
 
 def test_inconsistent_set_is_refused_unless_forced(second_ae1):
-    from stm_defects.tracking import TrackingError, promote
+    from stm_defects.mlops.tracking import TrackingError, promote
 
     before, new = second_ae1
     bad = {"ae1": new, "kmeans": before["kmeans"]}
@@ -267,7 +267,7 @@ def test_inconsistent_set_is_refused_unless_forced(second_ae1):
         promote(bad, "Staging")
     one_line_failure(stm("promote", "--run", "latest", "--model-stage", "Bogus"), "Bogus")
     assert promote(bad, "Staging", force=True) == bad
-    from stm_defects.tracking import list_models
+    from stm_defects.mlops.tracking import list_models
 
     staging = {(r["model"], r["version"]) for r in list_models() if "staging" in r["aliases"]}
     assert staging == {("stm-ae1", new), ("stm-kmeans", before["kmeans"])}
@@ -300,7 +300,7 @@ def test_train_on_a_folder_then_predict_with_local_models(pipeline, monkeypatch)
 
 
 def test_kmeans_stage_with_few_patches(pipeline, tmp_path):
-    from stm_defects import stages
+    from stm_defects.mlops import stages
     from stm_defects.config import load_params
 
     few = tmp_path / "few.npz"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from stm_defects.preprocess import (
+from stm_defects.image.preprocess import (
     PreprocessConfig,
     align_rows,
     level_plane,

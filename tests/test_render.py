@@ -1,6 +1,6 @@
 import numpy as np
 
-from stm_defects.render import class_colour, class_gallery, class_picture, overlay
+from stm_defects.analysis.render import class_colour, class_gallery, class_picture, overlay
 
 
 def test_overlay_draws_a_box_in_the_class_colour():

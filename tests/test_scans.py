@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stm_defects.scans import (
+from stm_defects.io.scans import (
     SCAN_EXTENSIONS,
     Scan,
     ScanError,

@@ -1,7 +1,7 @@
 import numpy as np
 from scipy.special import expit
 
-from stm_defects.steps import (
+from stm_defects.improved.steps import (
     StepConfig,
     detect_steps,
     level_terraces,

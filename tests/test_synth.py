@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from stm_defects.synth import (
+from stm_defects.data.synth import (
     DEFECT_CLASSES,
     HARD,
     SI001_ROW_PERIOD_NM,

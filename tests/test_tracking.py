@@ -36,7 +36,7 @@ def store(tmp_path_factory):
     from sklearn.cluster import KMeans
 
     from stm_defects.config import resolve
-    from stm_defects.tracking import Tracker, promote
+    from stm_defects.mlops.tracking import Tracker, promote
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -58,7 +58,7 @@ def store(tmp_path_factory):
 def test_register_tags_lineage_and_promotion(store, monkeypatch):
     import mlflow
 
-    from stm_defects.tracking import list_models
+    from stm_defects.mlops.tracking import list_models
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     mv = mlflow.MlflowClient(store["uri"]).get_model_version("stm-kmeans", "1")

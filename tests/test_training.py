@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from stm_defects.models import build_autoencoder
-from stm_defects.training import (
+from stm_defects.models.training import (
     History,
     TrainConfig,
     d4_augment,

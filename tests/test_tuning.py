@@ -12,10 +12,10 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from stm_defects import tuning
+from stm_defects.mlops import tuning
 from stm_defects.config import TuneParams, load_params
 from stm_defects.models import AEConfig
-from stm_defects.training import TrainConfig
+from stm_defects.models.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_AE = AEConfig(widths=(4, 8), kernels=(3, 3), encoder_norm=(True, False), latent=8, dropout=0.0, patch=16)
@@ -278,7 +278,7 @@ def test_tune_stage_needs_an_input(tmp_path):
 @pytest.mark.slow
 def test_trials_are_nested_mlflow_runs_of_the_stage_run(tmp_path, db, monkeypatch):
     """Against a real (throwaway) MLflow store: stage run -> one child run per trial."""
-    from stm_defects.tracking import Tracker, connect, temporary_store
+    from stm_defects.mlops.tracking import Tracker, connect, temporary_store
 
     monkeypatch.setenv("STM_PIPELINE_RUN", "tune-test")
     params = load_params(ROOT / "params.yaml")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from stm_defects.windows import extract_windows, mean_map, vote_map, window_origins, windows_at
+from stm_defects.image.windows import extract_windows, mean_map, vote_map, window_origins, windows_at
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,19 @@
-"""The `stm` command line. Thin commands that call stages or the library.
+"""The `stm` command line. Thin commands that call the library, the stages or the registry.
+
+The project (its params.yaml and MLflow store) is found as `stm_defects.project` describes:
+`--project DIR`, else `STM_PROJECT`, else the nearest folder above with a dvc.yaml. Prediction
+needs no project when given `--models DIR`.
 
 Heavy imports (torch, mlflow, GX) happen inside the commands so that `stm --help` is instant.
 User errors (bad files, bad params) end with one line on stderr and exit code 1, no traceback.
+The pipeline's stages run through `python -m stm_defects.mlops.run STAGE` (see dvc.yaml).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,12 +26,11 @@ app = typer.Typer(
 )
 log = logging.getLogger("stm_defects")
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
+ParamsOpt = Annotated[Path | None, typer.Option(
+    "--params", "-p", help="params.yaml to read (default: the project's).")]
 ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", help="Override the params' profile (default | paper).")]
 TrackOpt = Annotated[bool, typer.Option("--track/--no-track", help="Log the run to MLflow (mlruns/).")]
-TunedOpt = Annotated[Path | None, typer.Option(
-    "--tuned", help="tuned.json from `stm tune`: its values override params.yaml (when tune.use_tuned).")]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -36,8 +41,17 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False):
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    project: Annotated[Path | None, typer.Option(
+        "--project", help="Project folder (params.yaml, mlruns/); default: $STM_PROJECT or the nearest "
+                          "folder above with a dvc.yaml.")] = None,
+):
     setup_logging(verbose)
+    if project is not None:
+        from stm_defects.project import ENV_PROJECT
+
+        os.environ[ENV_PROJECT] = str(project.resolve())
 
 
 def user_errors(fn):
@@ -45,10 +59,9 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .config import ConfigError
-        from .scans import ScanError
-        from .stages import StageError
-        from .tracking import TrackingError
+        from stm_defects.errors import ConfigError, StageError
+        from stm_defects.io.scans import ScanError
+        from stm_defects.mlops.tracking import TrackingError
 
         try:
             return fn(*args, **kwargs)
@@ -62,10 +75,23 @@ def user_errors(fn):
     return wrapper
 
 
-def _params(path: Path, profile: str | None = None):
-    from .config import load_params
+def _params(path: Path | None, profile: str | None = None):
+    """The given params file, else the project's."""
+    from stm_defects.config import load_params
+    from stm_defects.project import params_path
 
-    return load_params(path, profile)
+    return load_params(path or params_path(), profile)
+
+
+def _experiment() -> str:
+    """The MLflow experiment named in the project's params.yaml (default `stm-defects`)."""
+    from stm_defects.config import TrackingParams, load_raw
+    from stm_defects.project import find_project
+
+    root = find_project()
+    if root is None or not (root / "params.yaml").is_file():
+        return TrackingParams().experiment
+    return (load_raw(root / "params.yaml").get("tracking") or {}).get("experiment", TrackingParams().experiment)
 
 
 def _progress(total: int, desc: str):
@@ -76,8 +102,8 @@ def _progress(total: int, desc: str):
 
 def scan_files(paths: list[Path]) -> list[Path]:
     """The scans in `paths` (files, folders searched recursively); none at all is a user error."""
-    from .scans import find_scans
-    from .stages import StageError
+    from stm_defects.errors import StageError
+    from stm_defects.io.scans import find_scans
 
     files = find_scans(paths)
     if not files:
@@ -85,15 +111,42 @@ def scan_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def model_bundle(models: Path | None, model_stage: str, params):
-    """Models from a local folder when given, else the registry versions holding `model_stage`."""
+def model_bundle(models: Path | None, model_stage: str, override: Path | None = None,
+                 profile: str | None = None):
+    """(Models, PredictConfig, provenance) from a local folder or the registry's `model_stage` set.
+
+    The prediction config is the one the models carry; `override` (a params.yaml) replaces it,
+    and the provenance says so.
+    """
+    from stm_defects.analysis.dispatch import PredictConfig
+    from stm_defects.config import predict_config
+    from stm_defects.errors import StageError
+
     if models is not None:
-        from .stages import load_models
+        from stm_defects.io.model_files import load_models
 
-        return load_models(models)
-    from .tracking import load_registered
+        if not (models / "ae1" / "model.pt").is_file():
+            raise StageError(f"{models}: not a models folder (no ae1/model.pt); train one with `stm train`")
+        bundle = load_models(models)
+        where = f"models folder {models.resolve()}"
+        stored = bundle.config
+        if stored is None and (models / "improved" / "config.json").is_file():
+            from stm_defects.io.files import read_json
 
-    return load_registered(model_stage, params.tracking.experiment, params.detector.method)
+            stored = read_json(models / "improved" / "config.json")
+    else:
+        from stm_defects.mlops.tracking import load_registered
+
+        bundle = load_registered(model_stage, _experiment())
+        v = bundle.versions["improved"]
+        where = f"registry {v['name']} v{v['version']} ({v['stage']})"
+        stored = bundle.config
+    if override is not None:
+        cfg = predict_config(_params(override, profile))
+        return bundle, cfg, {"source": f"override {override.resolve()}", "models": where}
+    if stored is None:
+        raise StageError(f"{where} carries no prediction config: retrain it, or give --params FILE")
+    return bundle, PredictConfig.from_dict(stored, f"config of {where}"), {"source": where}
 
 
 # ------------------------------------------------------------------------------------------ info
@@ -104,7 +157,7 @@ def info(
     direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
 ):
     """One line per scan: format, shape, pixel size, channel, direction, height range."""
-    from .scans import ScanError, read_scan
+    from stm_defects.io.scans import ScanError, read_scan
 
     failed = []
     files = scan_files(paths)
@@ -136,241 +189,9 @@ def report_failures(failed: list[str], n_files: int) -> None:
     raise typer.Exit(1)
 
 
-# ---------------------------------------------------------------------------------- data stages
-@app.command()
-@user_errors
-def synth(
-    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")] = Path("data/raw/synthetic"),
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Generate the synthetic Si(001) scans with ground truth (the embedded default data)."""
-    from . import stages
-
-    p = _params(params)
-    with _progress(p.data.n_scans + p.data.n_hard, "synth") as bar:
-        counts = stages.synth(p, out, progress=bar.update)
-    typer.echo(f"wrote {counts} scans to {out} (montage: {out / 'montage.png'})")
-
-
-@app.command()
-@user_errors
-def validate(
-    raw: Annotated[Path, typer.Option(help="Folder of scans.")] = Path("data/raw/synthetic"),
-    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")] = Path("data/validated"),
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Validate scans with a Great Expectations suite; quarantine failures with reasons."""
-    from . import stages
-
-    m = stages.validate(_params(params), raw, out)
-    typer.echo(f"{m['n_passed']} scans passed, {m['n_quarantined']} quarantined "
-               f"(summary {out / 'summary.json'}, Data Docs {out / 'datadocs' / 'index.html'})")
-
-
-@app.command()
-@user_errors
-def prepare(
-    raw: Annotated[Path, typer.Option(help="Folder of scans.")] = Path("data/raw/synthetic"),
-    summary: Annotated[Path, typer.Option(help="Validation summary.")] = Path("data/validated/summary.json"),
-    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")] = Path("data/prepared"),
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Split scans into train/test/predict and extract training patches."""
-    from . import stages
-
-    m = stages.prepare(_params(params), raw, summary, out)
-    typer.echo(f"prepared {m}")
-
-
-# --------------------------------------------------------------------------------- model stages
-@app.command()
-@user_errors
-def tune(
-    out: Annotated[Path, typer.Option(help="Output folder (rewritten): tuned.json, metrics, trials, plots.")],
-    patches: Annotated[Path | None, typer.Option(help="Training patches npz: tune AE1's latent size.")] = None,
-    defect_patches: Annotated[Path | None, typer.Option(
-        help="Defect patches npz: tune the GMM's k x covariance type by BIC (with --ae2).")] = None,
-    ae2: Annotated[Path | None, typer.Option(help="AE2 checkpoint that encodes the defect patches.")] = None,
-    storage: Annotated[str | None, typer.Option(
-        help="Optuna storage URL (default sqlite:///<repo>/mlruns/optuna.db, outside DVC).")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
-    track: TrackOpt = True,
-):
-    """Optuna: AE1's latent size (pruned on validation loss) and/or the GMM's k x covariance (BIC)."""
-    from .stages import StageError
-    from .tracking import Tracker
-    from .tuning import tune_stage
-
-    if patches is None and defect_patches is None:
-        raise StageError("give --patches (AE1 study) and/or --defect-patches with --ae2 (GMM study)")
-    p = _params(params, profile)
-    name = "tune_" + "_".join(k for k, v in (("ae1", patches), ("gmm", defect_patches)) if v is not None)
-    with Tracker(p, name, enabled=track) as tr:
-        m = tune_stage(p, patches, defect_patches, out, tracker=tr, ae2_path=ae2, storage=storage)
-    if "ae1_latent" in m:
-        typer.echo(f"AE1 latent {m['ae1_latent']} (val MSE {m['ae1_val_loss']:.5f}; lowest "
-                   f"{m['ae1_min_val_loss']:.5f} at {m['ae1_min_loss_latent']}; "
-                   f"{m['ae1_trials_complete']} complete, {m['ae1_trials_pruned']} pruned)")
-    if "gmm_k" in m:
-        typer.echo(f"GMM k={m['gmm_k']} covariance={m['gmm_covariance_type']} BIC {m['gmm_bic']:.1f} "
-                   f"({m['gmm_trials_complete']} trials)")
-    typer.echo(f"-> {out / 'tuned.json'}")
-
-
-def _epoch_logger(name: str):
-    def on_epoch(epoch, train_loss, val_loss, lr):
-        log.info("%s epoch %3d  train %.5f  val %.5f  lr %.1e", name, epoch + 1, train_loss, val_loss, lr)
-    return on_epoch
-
-
-@app.command("train-ae")
-@user_errors
-def train_ae(
-    which: Annotated[str, typer.Argument(help="ae1 (general patches) or ae2 (defect patches).")],
-    patches: Annotated[Path, typer.Option(help="npz with a `patches` array (N, 1, 32, 32).")],
-    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
-    ae1: Annotated[Path | None, typer.Option(
-        help="AE2 only: the AE1 checkpoint the defect patches came from (lineage).")] = None,
-    tuned: TunedOpt = None,
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
-    track: TrackOpt = True,
-):
-    """Train an autoencoder (per-epoch losses are logged)."""
-    from . import stages
-    from .tracking import Tracker
-    from .tuning import load_tuned
-
-    p = _params(params, profile)
-    used = load_tuned(p, tuned) if tuned else p
-    with Tracker(p, f"train_{which}", enabled=track) as tr:
-        tr.params = used   # log the values used; the pipeline grouping (set on enter) stays params.yaml's
-        m = stages.train_autoencoder(used, which, patches, out, on_epoch=_epoch_logger(which.upper()),
-                                     tracker=tr, ae1_path=ae1)
-    typer.echo(f"{which}: best val MSE {m['best_val_loss']:.5f} after {m['epochs_run']} epochs "
-               f"({m['patches_per_s']:.0f} patches/s) -> {out}")
-
-
-@app.command()
-@user_errors
-def kmeans(
-    ae1: Annotated[Path, typer.Option(help="AE1 checkpoint.")],
-    patches: Annotated[Path, typer.Option(help="Training patches npz.")],
-    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
-    track: TrackOpt = True,
-):
-    """K-means on AE1 latents: inertia / derivative / silhouette over k, fit the chosen k."""
-    from . import stages
-    from .tracking import Tracker
-
-    p = _params(params, profile)
-    with Tracker(p, "kmeans", enabled=track) as tr:
-        m = stages.cluster_general(p, ae1, patches, out, tracker=tr)
-    typer.echo(f"k-means: k={m['k']} silhouette {m['silhouette']:.3f} -> {out}")
-
-
-@app.command()
-@user_errors
-def defects(
-    raw: Annotated[Path, typer.Option(help="Folder of scans.")],
-    manifest: Annotated[Path, typer.Option(help="prepare's manifest.json.")],
-    models: Annotated[Path, typer.Option(help="Folder with ae1/ and kmeans/.")],
-    out: Annotated[Path, typer.Option(help="Output folder for defect patches (rewritten).")],
-    calibration: Annotated[Path, typer.Option(help="Where to write the mask calibration.")],
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
-    track: TrackOpt = True,
-):
-    """Defect masks on the training scans -> AE2's training patches."""
-    from . import stages
-    from .tracking import Tracker
-
-    p = _params(params, profile)
-    n = len(read_manifest(manifest)["splits"]["train"])
-    with Tracker(p, "defects", enabled=track) as tr, _progress(n, "defect masks") as bar:
-        m = stages.defects(p, raw, manifest, models, out, calibration, progress=bar.update, tracker=tr)
-    typer.echo(f"{m['n_defect_patches']} defect patches (mean mask fraction "
-               f"{m['mean_mask_fraction']:.3f}) -> {out}")
-
-
-@app.command()
-@user_errors
-def gmm(
-    ae2: Annotated[Path, typer.Option(help="AE2 checkpoint.")],
-    patches: Annotated[Path, typer.Option(help="Defect patches npz.")],
-    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
-    ae1: Annotated[Path | None, typer.Option(help="AE1 checkpoint behind the patches (lineage).")] = None,
-    kmeans: Annotated[Path | None, typer.Option(help="K-means model behind the mask (lineage).")] = None,
-    calibration: Annotated[Path | None, typer.Option(
-        help="Mask calibration behind the patches; stored with the GMM version.")] = None,
-    tuned: TunedOpt = None,
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
-    track: TrackOpt = True,
-):
-    """Gaussian mixtures over covariance type x k on AE2 latents, chosen by BIC."""
-    from . import stages
-    from .tracking import Tracker
-    from .tuning import load_tuned
-
-    p = _params(params, profile)
-    used = load_tuned(p, tuned) if tuned else p
-    with Tracker(p, "gmm", enabled=track) as tr:
-        tr.params = used
-        m = stages.cluster_defects(used, ae2, patches, out, tracker=tr,
-                                   lineage={"ae1": ae1, "kmeans": kmeans, "calibration": calibration})
-    typer.echo(f"GMM: k={m['k']} covariance={m['covariance_type']} BIC {m['bic']:.1f} -> {out}")
-
-
-def read_manifest(path: Path) -> dict:
-    from .io import read_json
-    from .stages import StageError
-
-    if not Path(path).is_file():
-        raise StageError(f"{path}: manifest not found (run `stm prepare` first)")
-    return read_json(path)
-
-
-@app.command()
-@user_errors
-def evaluate(
-    raw: Annotated[Path, typer.Option(help="Folder of synthetic scans with truth.")] = Path("data/raw/synthetic"),
-    manifest: Annotated[Path, typer.Option(help="prepare's manifest.json.")] = Path("data/prepared/manifest.json"),
-    models: Annotated[Path, typer.Option(help="Folder of trained models.")] = Path("models"),
-    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("reports/evaluation.json"),
-    per_scan: Annotated[Path, typer.Option(help="Per-scan scores JSON.")] = Path("reports/evaluation_per_scan.json"),
-    ablation: Annotated[Path | None, typer.Option(
-        help="Also score the other method and write this ablation JSON.")] = None,
-    ablation_md: Annotated[Path | None, typer.Option(
-        help="Markdown table of the ablation (default: the JSON path with .md).")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
-    track: TrackOpt = True,
-):
-    """Score detection, classes, step edges and rotation against the synthetic ground truth."""
-    from . import stages
-    from .tracking import Tracker
-
-    p = _params(params, profile)
-    splits = read_manifest(manifest)["splits"]
-    n = (len(splits["test"]) + len(splits["hard"])) * (2 if ablation else 1)
-    with Tracker(p, "evaluate", enabled=track) as tr, _progress(n, "evaluate") as bar:
-        m = stages.evaluate(p, raw, manifest, models, metrics, per_scan, ablation_path=ablation,
-                            progress=bar.update, tracker=tr, ablation_md=ablation_md)
-    for split in ("test", "hard"):
-        s = m[split]
-        typer.echo(f"{split} ({m['method']}): F1 {s['f1']:.3f} (P {s['precision']:.3f} R {s['recall']:.3f})  "
-                   f"ARI {s['ari']:.3f}  NMI {s['nmi']:.3f}  purity {s['purity']:.3f}  "
-                   f"step-edge FP/scan {s['step_edge_fp_mean']:.2f}  AUROC {s['auroc_mean']:.3f}")
-    typer.echo(f"rotation agreement {m['test']['rotation_agreement']:.3f} "
-               f"({m['test']['rotation_pairs']} defect pairs)")
-    if ablation:
-        md = ablation_md or ablation.with_suffix(".md")
-        typer.echo(f"ablation ({md}):")
-        typer.echo(md.read_text().rstrip())
+# ----------------------------------------------------------------------------------------- train
+TRAIN_STAGES = ("validate", "prepare", "tune_ae1", "train_ae1", "kmeans", "defects", "train_ae2", "gmm",
+                "fit_improved")
 
 
 @app.command()
@@ -378,49 +199,28 @@ def evaluate(
 def train(
     data: Annotated[Path, typer.Argument(help="Folder of your own scans (any supported format).")],
     out: Annotated[Path, typer.Option(help="Working folder for this training run.")] = Path("runs/own"),
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = None,
     profile: ProfileOpt = None,
     track: TrackOpt = True,
 ):
-    """Train the whole pipeline on a folder of scans, outside DVC (same code as the stages)."""
-    import os
+    """Train the whole pipeline on a folder of scans: the stages of dvc.yaml, outside DVC."""
     import time
 
-    from . import stages
-    from .tracking import Tracker
+    from stm_defects.errors import StageError
+    from stm_defects.mlops.run import run_stage
 
+    if not data.is_dir():
+        raise StageError(f"{data}: not a folder of scans")
     p = _params(params, profile)
     os.environ.setdefault("STM_PIPELINE_RUN", f"train-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    m = out / "models"
-    steps = []
-    with Tracker(p, "validate", enabled=track) as tr:
-        v = stages.validate(p, data, out / "validated")
-        tr.metrics(v)
-    steps.append(f"validated: {v['n_passed']} passed, {v['n_quarantined']} quarantined")
-    prep = stages.prepare(p, data, out / "validated" / "summary.json", out / "prepared")
-    steps.append(f"prepared: {prep}")
-    patches, manifest = out / "prepared" / "train_patches.npz", out / "prepared" / "manifest.json"
-    with Tracker(p, "train_ae1", enabled=track) as tr:
-        stages.train_autoencoder(p, "ae1", patches, m / "ae1", on_epoch=_epoch_logger("AE1"), tracker=tr)
-    with Tracker(p, "kmeans", enabled=track) as tr:
-        stages.cluster_general(p, m / "ae1" / "model.pt", patches, m / "kmeans", tracker=tr)
-    with Tracker(p, "defects", enabled=track) as tr, _progress(prep["train"], "defect masks") as bar:
-        d = stages.defects(p, data, manifest, m, out / "defects", m / "calibration.json",
-                           progress=bar.update, tracker=tr)
-    with Tracker(p, "train_ae2", enabled=track) as tr:
-        stages.train_autoencoder(p, "ae2", out / "defects" / "patches.npz", m / "ae2",
-                                 on_epoch=_epoch_logger("AE2"), tracker=tr, ae1_path=m / "ae1" / "model.pt")
-    with Tracker(p, "gmm", enabled=track) as tr:
-        g = stages.cluster_defects(p, m / "ae2" / "model.pt", out / "defects" / "patches.npz", m / "gmm",
-                                   tracker=tr, lineage={"ae1": m / "ae1" / "model.pt",
-                                                        "kmeans": m / "kmeans" / "kmeans.joblib",
-                                                        "calibration": m / "calibration.json"})
-    with Tracker(p, "fit_improved", enabled=track) as tr:
-        stages.fit_improved_stage(p, data, manifest, m / "improved", tracker=tr)
-    for line in steps:
-        typer.echo(line)
-    typer.echo(f"{d['n_defect_patches']} defect patches; GMM k={g['k']} ({g['covariance_type']})")
-    typer.echo(f"models in {m}: predict with `stm predict SCANS --models {m}`"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TRAIN_STAGES:
+        log.info("stage %s", name)
+        m = run_stage(name, p, out, raw=data, track=track)
+        if name == "validate":
+            typer.echo(f"validated: {m['n_passed']} passed, {m['n_quarantined']} quarantined")
+    models = out / "models"
+    typer.echo(f"models in {models}: predict with `stm predict SCANS --models {models}`"
                + (" or promote them with `stm promote --run latest`" if track else ""))
 
 
@@ -432,40 +232,17 @@ def classes(
     model_stage: Annotated[str, typer.Option(help="Registry stage: Production or Staging.")] = "Production",
     models: Annotated[Path | None, typer.Option(help="Local models folder instead of the registry.")] = None,
     per_class: Annotated[int, typer.Option(help="Examples per class.")] = 8,
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
 ):
     """Per-class gallery of example defects, to decide what each class is (then `stm name-class`)."""
-    from . import stages
-    from .io import save_png
+    from stm_defects.analysis.dispatch import load_image
+    from stm_defects.analysis.gallery import gallery
+    from stm_defects.io.files import save_png
 
-    p = _params(params, profile)
-    bundle = model_bundle(models, model_stage, p)
+    bundle, cfg, _ = model_bundle(models, model_stage)
     files = scan_files(paths)
-    images = [stages.load_image(f, p)[1] for f in files]
-    save_png(out, stages.gallery(images, bundle, p, per_class))
+    images = [load_image(f, cfg.preprocess)[1] for f in files]
+    save_png(out, gallery(images, bundle, cfg, per_class, patch=cfg.paper.patch))
     typer.echo(f"gallery of {len(files)} scan(s) -> {out}")
-
-
-@app.command("fit-improved")
-@user_errors
-def fit_improved_cmd(
-    raw: Annotated[Path, typer.Option(help="Folder of scans.")],
-    manifest: Annotated[Path, typer.Option(help="prepare's manifest.json.")],
-    out: Annotated[Path, typer.Option(help="Output folder (rewritten).")],
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
-    track: TrackOpt = True,
-):
-    """Fit the improved analysis (stable defect classes) on the training scans."""
-    from . import stages
-    from .tracking import Tracker
-
-    p = _params(params, profile)
-    n = len(read_manifest(manifest)["splits"]["train"])
-    with Tracker(p, "fit_improved", enabled=track) as tr, _progress(n, "fit improved") as bar:
-        m = stages.fit_improved_stage(p, raw, manifest, out, progress=bar.update, tracker=tr)
-    typer.echo(f"improved: {m['n_train_defects']} training defects, {m['n_classes']} classes -> {out}")
 
 
 # ---------------------------------------------------------------------------------- predict
@@ -477,31 +254,37 @@ def predict(
     model_stage: Annotated[str, typer.Option(
         help="Registry stage to predict with: Production or Staging.")] = "Production",
     models: Annotated[Path | None, typer.Option(
-        help="Use models from this local folder (ae1/, kmeans/, ae2/, gmm/) instead of the registry.")] = None,
+        help="Use models from this local folder (ae1/, kmeans/, ae2/, gmm/, improved/) instead of the "
+             "registry.")] = None,
     direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
-    params: ParamsOpt = Path("params.yaml"),
+    params: Annotated[Path | None, typer.Option(
+        "--params", "-p", help="Override the models' own prediction config with this params.yaml "
+                               "(recorded in every JSON).")] = None,
     profile: ProfileOpt = None,
 ):
-    """Find and classify defects: per scan a JSON, an overlay, a class map and a character map."""
-    from .predict import predict_scan, write_summary
-    from .scans import ScanError
+    """Find and classify defects: per scan a JSON, an overlay, a class map and a character map.
 
-    p = _params(params, profile)
+    The detector and preprocessing settings are the ones stored with the models, so a model
+    version gives the same result from any folder.
+    """
+    from stm_defects.analysis.predict import predict_scan, write_summary
+    from stm_defects.io.scans import ScanError
+
     files = scan_files(paths)
-    bundle = model_bundle(models, model_stage, p)
+    bundle, cfg, provenance = model_bundle(models, model_stage, params, profile)
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     with _progress(len(files), "predict") as bar:
         for f in files:
             try:
-                rows.append(predict_scan(f, bundle, p, out, direction=direction))
+                rows.append(predict_scan(f, bundle, cfg, out, direction=direction, provenance=provenance))
             except ScanError as err:
                 failed.append(str(err))
             bar.update(1)
     if rows:
         write_summary(rows, out / "summary.csv")
         typer.echo(f"{len(rows)} scan(s), {sum(r['n_defects'] for r in rows)} defects -> {out} "
-                   f"(summary {out / 'summary.csv'})")
+                   f"(summary {out / 'summary.csv'}; config from {provenance['source']})")
     report_failures(failed, len(files))
 
 
@@ -509,19 +292,18 @@ def predict(
 @app.command()
 @user_errors
 def promote(
-    model: Annotated[str | None, typer.Argument(help="ae1, kmeans, ae2 or gmm (with VERSION).")] = None,
+    model: Annotated[str | None, typer.Argument(help="ae1, kmeans, ae2, gmm or improved (with VERSION).")] = None,
     version: Annotated[int | None, typer.Argument(help="Version of MODEL to promote.")] = None,
     run: Annotated[str | None, typer.Option(
         help="Promote the model set of a pipeline run: `latest` or a parent RUN_ID.")] = None,
     model_stage: Annotated[str, typer.Option(help="Production, Staging or Archived.")] = "Production",
     force: Annotated[bool, typer.Option(help="Promote even if the set's lineage does not match.")] = False,
-    params: ParamsOpt = Path("params.yaml"),
 ):
     """Promote one model version, or the consistent set of one pipeline run, to a stage."""
-    from .tracking import TrackingError, pipeline_set
-    from .tracking import promote as do_promote
+    from stm_defects.mlops.tracking import TrackingError, pipeline_set
+    from stm_defects.mlops.tracking import promote as do_promote
 
-    experiment = _params(params).tracking.experiment
+    experiment = _experiment()
     if run is not None and model is None:
         versions = pipeline_set(run, experiment)
     elif model is not None and version is not None and run is None:
@@ -534,11 +316,11 @@ def promote(
 
 @app.command("models")
 @user_errors
-def list_models_cmd(params: ParamsOpt = Path("params.yaml")):
+def list_models_cmd():
     """Registered models: versions, stage, lineage and key metrics."""
-    from .tracking import list_models
+    from stm_defects.mlops.tracking import list_models
 
-    rows = list_models(_params(params).tracking.experiment)
+    rows = list_models(_experiment())
     if not rows:
         typer.echo("no registered models yet (run `make run`)")
         return
@@ -550,14 +332,14 @@ def list_models_cmd(params: ParamsOpt = Path("params.yaml")):
 
 
 @app.command()
+@user_errors
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ):
-    """Start the MLflow UI on 127.0.0.1 against mlruns/ (Ctrl-C stops it)."""
-    import os
+    """Start the MLflow UI on 127.0.0.1 against the project's mlruns/ (Ctrl-C stops it)."""
     import subprocess
 
-    from .tracking import tracking_uri
+    from stm_defects.project import tracking_uri
 
     uri = tracking_uri()
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (store {uri})")
@@ -576,28 +358,31 @@ def name_class(
     class_id: Annotated[int, typer.Argument(help="Defect class id (as in predictions).")],
     name: Annotated[str, typer.Argument(help="A name, e.g. dimer_vacancy.")],
     version: Annotated[int | None, typer.Option(help="Classifier version (default: Production).")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-    profile: ProfileOpt = None,
+    classifier: Annotated[str | None, typer.Option(
+        help="improved or gmm (default: the one the Production models' method uses).")] = None,
 ):
     """Attach a name to a defect class; stored with the classifier version in the registry.
 
     The classifier is the improved analysis' (default profile) or the GMM (paper profile).
     """
-    from .tracking import MODEL_NAMES, set_class_names
+    from stm_defects.mlops.tracking import MODEL_NAMES, production_method, set_class_names
 
-    p = _params(params, profile)
-    key = "improved" if p.detector.method == "improved" else "gmm"
-    v = set_class_names({class_id: name}, version, p.tracking.experiment, key=key)
+    experiment = _experiment()
+    key = classifier or ("improved" if production_method(experiment) == "improved" else "gmm")
+    v = set_class_names({class_id: name}, version, experiment, key=key)
     typer.echo(f"class {class_id} of {MODEL_NAMES[key]} v{v} is now named {name!r}")
 
 
 @app.command()
+@user_errors
 def results():
     """Where `make run` left its results, with the evaluation numbers."""
-    from .io import read_json
+    from stm_defects.io.files import read_json
+    from stm_defects.project import project_root
 
-    ev = Path("reports/evaluation.json")
-    typer.echo("results:")
+    root = project_root()
+    ev = root / "reports/evaluation.json"
+    typer.echo(f"results (in {root}):")
     typer.echo("  synthetic data + montage : data/raw/synthetic/ (montage.png)")
     typer.echo("  validation               : data/validated/summary.json, data/validated/datadocs/index.html")
     typer.echo("  models                   : models/{ae1,kmeans,ae2,gmm,improved}/ (loss.png, elbow.png, bic.png,"

@@ -3,6 +3,14 @@
 Every number that changes a result lives in ``params.yaml``. This module turns it into frozen
 dataclasses, rejecting unknown keys (a typo must fail loudly, not be ignored) and applying the
 selected ``profile`` (``default`` or ``paper``) over the base values.
+
+Library configs (`PreprocessConfig`, `SynthConfig`, `AEConfig`, `TrainConfig`, `MapsConfig`,
+`MaskConfig`, `ImprovedConfig`, ...) live beside the code they configure; the sections below
+belong to the stages. Dataclass defaults equal params.yaml's values (a test holds them equal), so
+a library function called without a config behaves as the pipeline does.
+
+`predict_config(params)` gathers the sections that change a prediction; a registered model
+version stores exactly that (`analysis.dispatch.PredictConfig`).
 """
 
 from __future__ import annotations
@@ -10,53 +18,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad params file: unknown key, wrong type, unknown profile."""
-
-
-def build(cls, data: dict | None, where: str):
-    """Build dataclass ``cls`` from ``data``; unknown keys raise, lists become tuples."""
-    data = dict(data or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints.get(key)
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = build(hint, value, f"{where}.{key}")
-        elif isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required field missing
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in (over or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Sections owned by the stage code. Library configs (PreprocessConfig, SynthConfig, AEConfig,
-# TrainConfig, MaskConfig) live beside the code they configure.
+from stm_defects.errors import ConfigError
+from stm_defects.schema import build, deep_merge
 
 
 @dataclass(frozen=True)
@@ -78,7 +47,7 @@ class ValidateParams:
 @dataclass(frozen=True)
 class PrepareParams:
     fractions: tuple[float, float, float] = (0.806, 0.167, 0.027)  # train/test/predict, the report's 1450/300/50
-    patch: int = 32
+    patch: int = 32                  # px, the autoencoders' window side
     stride: int = 32                 # non-overlapping training patches
 
 
@@ -93,31 +62,11 @@ class KMeansParams:
 
 
 @dataclass(frozen=True)
-class MapsParams:
-    char_stride: int = 4
-    error_stride: int = 16
-    error_sigma: float = 2.0
-    dense: bool = False              # share the encoder's conv trunk across windows (src/stm_defects/dense.py)
-
-
-@dataclass(frozen=True)
-class DefectPatchParams:
-    stride: int = 4                  # grid of patch centres inside the mask
-    max_patches: int = 20000         # seeded subsample cap for AE2 training
-
-
-@dataclass(frozen=True)
 class GMMParams:
     k_range: tuple[int, int] = (2, 12)
     covariance_types: tuple[str, ...] = ("spherical", "diag", "tied", "full")
     max_samples: int = 5000          # seeded subsample for the grid
     n_init: int = 1
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    match_radius: float = 6.0        # px
-    step_radius: int = 3             # px around a step edge for step-edge false positives
 
 
 @dataclass(frozen=True)
@@ -137,14 +86,13 @@ class TrackingParams:
 
 @dataclass(frozen=True)
 class TuneParams:
-    use_tuned: bool = True                  # train_ae1 / gmm read tuning/*/tuned.json
-    ae1_trials: int = 4
+    use_tuned: bool = True                  # train_ae1 takes ae1.latent from tuning/ae1/tuned.json
+    ae1_trials: int | None = None           # distinct latent sizes trained (None: all)
     ae1_latents: tuple[int, ...] = (16, 32, 64, 128, 256)
     ae1_epochs: int = 3
     ae1_max_patches: int = 3000
     ae1_batch_size: int | None = 64         # None: ae1_train.batch_size
     ae1_tolerance: float = 0.1
-    gmm_trials: int = 16
 
 
 @dataclass(frozen=True)
@@ -160,17 +108,17 @@ class Params:
     ae1: Any
     ae1_train: Any
     kmeans: KMeansParams
-    maps: MapsParams
+    maps: Any
     mask: Any
-    defect_patches: DefectPatchParams
+    defect_patches: Any
     ae2: Any
     ae2_train: Any
     gmm: GMMParams
-    evaluate: EvaluateParams
-    detector: DetectorParams = field(default_factory=DetectorParams)
-    improved: Any = None
-    tracking: TrackingParams = field(default_factory=TrackingParams)
-    tune: TuneParams = field(default_factory=TuneParams)
+    evaluate: Any
+    detector: DetectorParams
+    improved: Any
+    tracking: TrackingParams
+    tune: TuneParams
 
     def section_dict(self, name: str) -> dict:
         return dataclasses.asdict(getattr(self, name))
@@ -180,22 +128,55 @@ class Params:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def flat(self, *sections: str) -> dict[str, str]:
+        """`section.key.subkey` -> value strings of `sections` (all when none given), for MLflow."""
+        out: dict[str, str] = {}
 
-def _section_types() -> dict[str, type]:
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}", v)
+            else:
+                out[prefix] = str(value)[:500]
+
+        for name in sections or [f.name for f in dataclasses.fields(self)]:
+            value = getattr(self, name)
+            walk(name, dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+        return out
+
+
+PREDICT_SECTIONS = ("preprocess", "prepare", "maps", "mask", "defect_patches", "detector", "improved")
+
+
+def predict_config(params: Params):
+    """The `PredictConfig` of these params: every value that changes a prediction."""
+    from stm_defects.analysis.dispatch import PredictConfig
+    from stm_defects.paper.method import PaperConfig
+
+    return PredictConfig(method=params.detector.method, preprocess=params.preprocess,
+                         paper=PaperConfig(patch=params.prepare.patch, maps=params.maps, mask=params.mask,
+                                           defect_patches=params.defect_patches),
+                         improved=params.improved)
+
+
+def section_types() -> dict[str, type]:
+    """params.yaml section -> the dataclass it is built into."""
     # Imported here so that `stm --help` does not pay for torch.
-    from .improved import ImprovedConfig
-    from .masks import MaskConfig
-    from .models import AEConfig
-    from .preprocess import PreprocessConfig
-    from .synth import SynthConfig
-    from .training import TrainConfig
+    from stm_defects.analysis.evaluation import EvaluateConfig
+    from stm_defects.data.synth import SynthConfig
+    from stm_defects.image.preprocess import PreprocessConfig
+    from stm_defects.improved.method import ImprovedConfig
+    from stm_defects.models import AEConfig
+    from stm_defects.models.training import TrainConfig
+    from stm_defects.paper.masks import MaskConfig
+    from stm_defects.paper.method import DefectPatchConfig, MapsConfig
 
     return {
         "data": DataParams, "synth": SynthConfig, "synth_hard": SynthConfig,
         "preprocess": PreprocessConfig, "validate": ValidateParams, "prepare": PrepareParams,
-        "ae1": AEConfig, "ae1_train": TrainConfig, "kmeans": KMeansParams, "maps": MapsParams,
-        "mask": MaskConfig, "defect_patches": DefectPatchParams, "ae2": AEConfig,
-        "ae2_train": TrainConfig, "gmm": GMMParams, "evaluate": EvaluateParams,
+        "ae1": AEConfig, "ae1_train": TrainConfig, "kmeans": KMeansParams, "maps": MapsConfig,
+        "mask": MaskConfig, "defect_patches": DefectPatchConfig, "ae2": AEConfig,
+        "ae2_train": TrainConfig, "gmm": GMMParams, "evaluate": EvaluateConfig,
         "tracking": TrackingParams, "tune": TuneParams, "detector": DetectorParams,
         "improved": ImprovedConfig,
     }
@@ -210,7 +191,7 @@ def resolve(raw: dict, where: str = "params.yaml", profile: str | None = None) -
         raise ConfigError(f"{where}: unknown profile {name!r}; defined: {['default', *profiles]}")
     merged = deep_merge(raw, profiles.get(name, {}))
     merged["profile"] = name
-    types = _section_types()
+    types = section_types()
     top = {"seed", "profile", *types}
     unknown = sorted(set(merged) - top)
     if unknown:
@@ -221,7 +202,7 @@ def resolve(raw: dict, where: str = "params.yaml", profile: str | None = None) -
     return Params(**kwargs)
 
 
-def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+def load_raw(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
@@ -229,4 +210,40 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return resolve(raw, str(path), profile)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    return resolve(load_raw(path), str(path), profile)
+
+
+class ScopedParams:
+    """A read-only view of `Params` that lets a stage read only the sections it declares.
+
+    Reading any other section raises, so a stage's DVC `params:` list (generated from the same
+    declaration) cannot miss a section the stage uses.
+    """
+
+    def __init__(self, params: Params, sections: tuple[str, ...], stage: str):
+        self._params, self._sections, self._stage = params, frozenset(sections) | {"profile"}, stage
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._sections:
+            raise ConfigError(f"stage {self._stage} reads params section {name!r} but does not declare it "
+                              f"(declared: {sorted(self._sections)}); add it in mlops/dag.py")
+        return getattr(self._params, name)
+
+    def replace(self, **changes) -> ScopedParams:
+        for name in changes:
+            getattr(self, name)                    # must be declared
+        return ScopedParams(dataclasses.replace(self._params, **changes), tuple(self._sections), self._stage)
+
+    def digest(self) -> str:
+        blob = json.dumps({s: dataclasses.asdict(getattr(self._params, s)) if dataclasses.is_dataclass(
+            getattr(self._params, s)) else getattr(self._params, s) for s in sorted(self._sections)},
+            sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]

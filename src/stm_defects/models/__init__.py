@@ -2,14 +2,12 @@
 
 from .autoencoder import (
     CHECKPOINT_VERSION,
-    PROFILES,
     AEConfig,
     ConvAutoencoder,
     SeededDropout,
     build_autoencoder,
     count_parameters,
     keras_parameter_count,
-    list_profiles,
     load_checkpoint,
     save_checkpoint,
     set_dropout_generator,
@@ -17,14 +15,12 @@ from .autoencoder import (
 
 __all__ = [
     "CHECKPOINT_VERSION",
-    "PROFILES",
     "AEConfig",
     "ConvAutoencoder",
     "SeededDropout",
     "build_autoencoder",
     "count_parameters",
     "keras_parameter_count",
-    "list_profiles",
     "load_checkpoint",
     "save_checkpoint",
     "set_dropout_generator",

@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -39,14 +38,12 @@ from torch import nn
 
 __all__ = [
     "CHECKPOINT_VERSION",
-    "PROFILES",
     "AEConfig",
     "ConvAutoencoder",
     "SeededDropout",
     "build_autoencoder",
     "count_parameters",
     "keras_parameter_count",
-    "list_profiles",
     "load_checkpoint",
     "save_checkpoint",
     "set_dropout_generator",
@@ -136,50 +133,6 @@ class AEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# Name -> configuration registry (read-only).
-PROFILES: Mapping[str, AEConfig] = MappingProxyType(
-    {
-        # Report, Table 1.
-        "ae1_paper": AEConfig(
-            widths=(128, 256, 512),
-            kernels=(3, 3, 3),
-            encoder_norm=(True, True, False),
-            latent=32,
-            hidden=None,
-        ),
-        # Report, Table 2.
-        "ae2_paper": AEConfig(
-            widths=(64, 128, 512),
-            kernels=(5, 3, 3),
-            encoder_norm=(True, True, True),
-            latent=8,
-            hidden=256,
-        ),
-        # Same topology as AE1 with 8x narrower convs (~0.1 M params).
-        "ae1_slim": AEConfig(
-            widths=(16, 32, 64),
-            kernels=(3, 3, 3),
-            encoder_norm=(True, True, False),
-            latent=32,
-            hidden=None,
-        ),
-        # Same topology as AE2 with narrower convs; the 1024-d flatten is
-        # squeezed through a 64-d dense layer into the 8-d latent.
-        "ae2_slim": AEConfig(
-            widths=(16, 32, 64),
-            kernels=(5, 3, 3),
-            encoder_norm=(True, True, True),
-            latent=8,
-            hidden=64,
-        ),
-    }
-)
-
-
-def list_profiles() -> list[str]:
-    return sorted(PROFILES)
 
 
 class SeededDropout(nn.Dropout):
@@ -284,17 +237,16 @@ def keras_parameter_count(model: nn.Module) -> int:
     return n
 
 
-def build_autoencoder(cfg: AEConfig | Mapping[str, Any] | str, seed: int | None = None) -> ConvAutoencoder:
-    """Build from a config, a mapping (see :meth:`AEConfig.from_dict`) or a profile name.
+def build_autoencoder(cfg: AEConfig | Mapping[str, Any], seed: int | None = None) -> ConvAutoencoder:
+    """Build from a config or a mapping (see :meth:`AEConfig.from_dict`).
+
+    The report's full-width models are the `profiles.paper` section of params.yaml
+    (`config.load_params(profile="paper").ae1`).
 
     If ``seed`` is given, weight initialisation is reproducible; the global
     torch RNG state is left untouched (``torch.random.fork_rng``).
     """
-    if isinstance(cfg, str):
-        if cfg not in PROFILES:
-            raise ValueError(f"unknown autoencoder profile {cfg!r}; known: {', '.join(list_profiles())}")
-        cfg = PROFILES[cfg]
-    elif isinstance(cfg, Mapping):
+    if isinstance(cfg, Mapping):
         cfg = AEConfig.from_dict(cfg)
     elif not isinstance(cfg, AEConfig):
         raise TypeError(f"cannot build an autoencoder from {type(cfg).__name__}")

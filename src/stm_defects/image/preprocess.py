@@ -12,7 +12,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import rescale
 
-_MAD_TO_STD = 1.4826  # robust std = 1.4826 * median absolute deviation (Gaussian noise)
+from stm_defects.image.robust import robust_location_scale, robust_sigma
+
 _MIN_SIZE = 8
 
 
@@ -23,7 +24,7 @@ class PreprocessConfig:
     plane_clip_sigma: float = 2.5
     align_rows: bool = True  # Gwyddion "median of differences" row alignment
     remove_scars: bool = False  # Gwyddion-like scar (streak) removal
-    scar_threshold: float = 4.0  # in robust std of the row-to-row difference
+    scar_threshold: float = 4.0  # in robust std of the departure from the 7-row column median
     scar_min_length: int = 8
     clip_percentiles: tuple[float, float] = (0.5, 99.5)  # robust normalisation to [0, 1]
     target_pixel_nm: float | None = None  # resample to this pixel size when known
@@ -38,8 +39,7 @@ def _check_image(img) -> np.ndarray:
     return a
 
 
-def _robust_std(x: np.ndarray) -> float:
-    return float(_MAD_TO_STD * np.median(np.abs(x - np.median(x))))
+_robust_std = robust_sigma
 
 
 def _poly_design(shape: tuple[int, int], order: int) -> np.ndarray:
@@ -90,27 +90,31 @@ def align_rows(img) -> np.ndarray:
     return (a - offsets[:, None]).astype(np.float32)
 
 
-def remove_scars(img, threshold: float = 4.0, min_length: int = 8) -> np.ndarray:
-    """Replace scars (one-row streaks along the fast-scan axis) by the mean of the rows above and below.
+def remove_scars(img, k: float = 5.0, min_length: int = 8) -> np.ndarray:
+    """Replace 1-3-row horizontal streaks (fast-scan scars) by the vertical median of 7 rows.
 
-    A pixel is a scar candidate when it differs from both vertical neighbours with
-    the same sign by more than ``threshold`` robust std of the row-to-row difference;
-    only horizontal runs of at least ``min_length`` candidates are replaced.
-    The first and last rows (one neighbour only) are left as they are.
+    A pixel is a scar candidate when it departs from the median of its column over rows
+    -3..+3 by more than ``k`` robust std; only horizontal runs of >= ``min_length`` candidates
+    are replaced.  A 7-row median ignores a streak up to 3 rows thick and keeps monotone
+    edges (steps) exactly.
     """
-    a = _check_image(img).astype(np.float64)
-    sigma = _robust_std(np.diff(a, axis=0))
-    up = a[1:-1] - a[:-2]  # (H-2, W) difference to the row above
-    down = a[1:-1] - a[2:]  # (H-2, W) difference to the row below
-    thr = threshold * sigma
-    cand = (np.sign(up) == np.sign(down)) & (np.minimum(np.abs(up), np.abs(down)) > thr)
-    if min_length > 1:
-        # opening with a horizontal line keeps exactly the runs of length >= min_length
-        cand = ndimage.binary_opening(cand, structure=np.ones((1, min_length), dtype=bool))
+    a = np.asarray(img, dtype=np.float32)
+    if not min_length:
+        return a.copy()
+    p = np.pad(a, ((3, 3), (0, 0)), mode="edge")
+    stack = np.stack([p[i:i + a.shape[0]] for i in range(7)])
+    med = np.partition(stack, 3, axis=0)[3]
+    d = a - med
+    s = robust_location_scale(d[::2, ::2])[1]
+    cand = np.abs(d) > k * s
+    cand = ndimage.binary_opening(cand, structure=np.ones((1, int(min_length)), bool))
+    if not cand.any():
+        return a.copy()
+    # one row up/down too, so the faint shoulder rows of a thick scar go as well
+    cand = ndimage.binary_dilation(cand, structure=np.ones((3, 1), bool)) & (np.abs(d) > 0.5 * k * s)
     out = a.copy()
-    inner = out[1:-1]  # (H-2, W) view
-    inner[cand] = 0.5 * (a[:-2] + a[2:])[cand]
-    return out.astype(np.float32)
+    out[cand] = med[cand]
+    return out
 
 
 def normalize(img, low: float = 0.5, high: float = 99.5) -> np.ndarray:

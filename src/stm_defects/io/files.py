@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +25,7 @@ def fresh_dir(path: str | Path) -> Path:
 def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    path.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
@@ -39,16 +43,30 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
 
-def _jsonable(obj):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+def jsonable(value: Any, max_array: int | None = None) -> Any:
+    """A plain-JSON copy of `value`: numpy scalars unwrapped, NaN/inf -> None, tuples -> lists,
+    paths -> str; arrays become lists (or a short description when larger than `max_array`)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, max_array) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v, max_array) for v in value]
+    if isinstance(value, np.ndarray):
+        if max_array is None or value.size <= max_array:
+            return jsonable(value.tolist(), max_array)
+        return f"<array {value.dtype} {value.shape}>"
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value), max_array)
+    return str(value)
 
 
 def save_png(path: str | Path, rgb_or_grey: np.ndarray) -> None:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, special
 
+from stm_defects.io.files import jsonable
+
 __all__ = [
     "DEFECT_CLASSES",
     "HARD",
@@ -113,23 +115,6 @@ class SynthScan:
 
 
 # --- small helpers -----------------------------------------------------------
-
-
-def _jsonable(value):
-    """Convert numpy scalars / tuples recursively into plain JSON types."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value)
-    return value
 
 
 def _smooth_curve(rng: np.random.Generator, n: int, corr: float) -> np.ndarray:
@@ -545,7 +530,7 @@ def synth_scan(cfg: SynthConfig, seed: int) -> SynthScan:
         "noise_std_nm": float(noise_std),
         "tip_sigma_px": tip_sigma_px,
         "tilt_nm_per_px": [float(ax), float(ay)],
-        "config": _jsonable(dataclasses.asdict(cfg)),
+        "config": jsonable(dataclasses.asdict(cfg)),
     }
     return SynthScan(
         height=np.ascontiguousarray(z, dtype=np.float32),
@@ -553,13 +538,13 @@ def synth_scan(cfg: SynthConfig, seed: int) -> SynthScan:
         defects=defects,
         step_mask=step_mask,
         terraces=terraces,
-        meta=_jsonable(meta),
+        meta=jsonable(meta),
     )
 
 
 def truth_dict(scan: SynthScan) -> dict:
     """JSON-ready ground truth of a scan (no arrays)."""
-    return _jsonable(
+    return jsonable(
         {
             "pixel_nm": scan.pixel_nm,
             "shape": list(scan.height.shape),

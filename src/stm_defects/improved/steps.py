@@ -21,6 +21,8 @@ from scipy import ndimage as ndi
 from skimage.feature import canny
 from skimage.measure import label, regionprops
 
+from stm_defects.image.robust import robust_location_scale
+
 __all__ = [
     "StepConfig",
     "Terraces",
@@ -28,14 +30,12 @@ __all__ = [
     "level_terraces",
     "masked_smooth",
     "refine_terraces",
-    "remove_scars",
     "step_edges",
     "step_profile",
     "terrace_background",
     "terrace_labels",
 ]
 
-_MAD = 1.4826
 
 
 @dataclass(frozen=True)
@@ -64,36 +64,9 @@ class Terraces:
     nearest: tuple       # (iy, ix) of that pixel, or None without steps
 
 
-def _robust(x: np.ndarray) -> tuple[float, float]:
-    med = float(np.median(x))
-    return med, float(_MAD * np.median(np.abs(x - med))) + 1e-12
+_robust = robust_location_scale
 
 
-def remove_scars(img: np.ndarray, k: float = 5.0, min_length: int = 8) -> np.ndarray:
-    """Replace 1-3-row horizontal streaks (fast-scan scars) by the vertical median of 7 rows.
-
-    A pixel is a scar candidate when it departs from the median of its column over rows
-    -3..+3 by more than ``k`` robust std; only horizontal runs of >= ``min_length`` candidates
-    are replaced.  A 7-row median ignores a streak up to 3 rows thick and keeps monotone
-    edges (steps) exactly.
-    """
-    a = np.asarray(img, dtype=np.float32)
-    if not min_length:
-        return a.copy()
-    p = np.pad(a, ((3, 3), (0, 0)), mode="edge")
-    stack = np.stack([p[i:i + a.shape[0]] for i in range(7)])
-    med = np.partition(stack, 3, axis=0)[3]
-    d = a - med
-    _, s = _robust(d[::2, ::2])
-    cand = np.abs(d) > k * s
-    cand = ndi.binary_opening(cand, structure=np.ones((1, int(min_length)), bool))
-    if not cand.any():
-        return a.copy()
-    # one row up/down too, so the faint shoulder rows of a thick scar go as well
-    cand = ndi.binary_dilation(cand, structure=np.ones((3, 1), bool)) & (np.abs(d) > 0.5 * k * s)
-    out = a.copy()
-    out[cand] = med[cand]
-    return out
 
 
 def step_edges(img: np.ndarray, cfg: StepConfig = StepConfig()) -> np.ndarray:

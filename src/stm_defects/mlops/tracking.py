@@ -1,7 +1,8 @@
 """MLflow: the only module that imports it. Runs, the model registry, promotion and loading.
 
-Store: SQLite at `<repo>/mlruns/mlflow.db` with artifacts in `<repo>/mlruns/artifacts` (the plain
-file store is refused by MLflow 3). `MLFLOW_TRACKING_URI` overrides it (tests, shared servers).
+Store: SQLite at `<project>/mlruns/mlflow.db` with artifacts in `<project>/mlruns/artifacts` (the
+plain file store is refused by MLflow 3); see `stm_defects.project` for how the project is found.
+`MLFLOW_TRACKING_URI` overrides it (tests, shared servers).
 
 Grouping: every stage run is a nested child of one parent run per pipeline execution. The parent
 is found by the `pipeline_key` tag: `STM_PIPELINE_RUN` when set (`make run` sets one per
@@ -9,6 +10,8 @@ execution), else a hash of the git commit and the resolved params.
 
 Lineage: every model version is tagged with `git_commit`, `params_hash`, `data_version`,
 `sha256` (of the checkpoint / pickled estimator) and, for models built on AE1, `ae1_version`.
+`stm-improved` versions also carry `config`: the prediction config (JSON) of their pipeline run,
+which `stm predict` uses instead of the working folder's params.yaml.
 Stages are MLflow aliases (`production`, `staging`) plus a `stage` tag (also `Archived`), since
 registry stages are deprecated.
 """
@@ -16,7 +19,6 @@ registry stages are deprecated.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,25 +39,6 @@ class TrackingError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ store
-def repo_root(start: str | Path | None = None) -> Path:
-    """The project root: `STM_REPO_ROOT`, else the nearest folder above with a dvc.yaml."""
-    if os.environ.get("STM_REPO_ROOT"):
-        return Path(os.environ["STM_REPO_ROOT"]).resolve()
-    here = Path(start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "dvc.yaml").is_file():
-            return d
-    return here
-
-
-def tracking_uri(root: Path | None = None) -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = root or repo_root()
-    (root / "mlruns").mkdir(exist_ok=True)
-    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-
-
 def _mlflow():
     import mlflow
 
@@ -65,7 +48,9 @@ def _mlflow():
 
 
 def connect(experiment: str = "stm-defects", root: Path | None = None):
-    """Point MLflow at the project store; create the experiment (artifacts under mlruns/)."""
+    """Point MLflow at the project store (`project.tracking_uri`); create the experiment."""
+    from stm_defects.project import tracking_uri
+
     mlflow = _mlflow()
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
@@ -81,42 +66,13 @@ def connect(experiment: str = "stm-defects", root: Path | None = None):
 
 def git_commit(root: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True,
+        from stm_defects.project import find_project
+
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or find_project() or Path.cwd(), capture_output=True,
                              text=True, timeout=10)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def data_version(path: str | Path) -> str:
-    """DVC's hash of a data folder from dvc.lock when DVC tracks it, else a content hash."""
-    path = Path(path)
-    lock = repo_root() / "dvc.lock"
-    if lock.is_file():
-        import yaml
-
-        try:
-            rel = str(path.resolve().relative_to(repo_root()))
-        except ValueError:
-            rel = None
-        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-            for out in stage.get("outs", []):
-                if rel and out.get("path") == rel and out.get("md5"):
-                    return f"dvc:{out['md5']}"
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        h.update(file_sha256(f).encode())
-    return f"sha256:{h.hexdigest()[:16]}"
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -140,11 +96,18 @@ class Tracker:
         if found:
             self.parent_id = found[0].info.run_id
         else:
-            parent = mlflow.MlflowClient().create_run(
+            client = mlflow.MlflowClient()
+            parent = client.create_run(
                 exp.experiment_id, run_name=f"pipeline {key}",
                 tags={"pipeline_key": key, "kind": "pipeline", "profile": self.params.profile,
                       "git_commit": git_commit(), "params_hash": self.params.digest()})
             self.parent_id = parent.info.run_id
+            from mlflow.entities import Param
+
+            flat = self.params.flat()          # every resolved value, so pipelines compare in the UI
+            batch = [Param(k, v) for k, v in sorted(flat.items())]
+            for i in range(0, len(batch), 100):
+                client.log_batch(self.parent_id, params=batch[i:i + 100])
         run = mlflow.start_run(run_name=self.stage, nested=True, parent_run_id=self.parent_id,
                                tags={"stage": self.stage, "kind": "stage", "pipeline_key": key,
                                      "profile": self.params.profile, "git_commit": git_commit(),
@@ -161,16 +124,24 @@ class Tracker:
         return False
 
     # -- logging helpers; each ignores calls when disabled
-    def params_of(self, *sections: str) -> None:
+    def stage_params(self, sections) -> None:
+        """Log every resolved value of the params sections the stage reads."""
+        if self.enabled:
+            self.mlflow.log_params(self.params.flat(*sections))
+
+    def params_used(self, values: dict) -> None:
+        """Values the stage used instead of params.yaml's (e.g. a tuned latent size)."""
+        if self.enabled:
+            self.mlflow.set_tags({f"used.{k}": str(v) for k, v in values.items()})
+
+    def parent_metrics(self, metrics: dict, prefix: str = "") -> None:
+        """Headline metrics on the pipeline's parent run, so pipelines compare in the UI."""
         if not self.enabled:
             return
-        flat = {}
-        for s in sections:
-            value = getattr(self.params, s)
-            items = value.__dict__.items() if hasattr(value, "__dict__") else [("", value)]
-            for k, v in items:
-                flat[f"{s}.{k}" if k else s] = str(v)[:500]
-        self.mlflow.log_params(flat)
+        client = self.mlflow.MlflowClient()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf"):
+                client.log_metric(self.parent_id, f"{prefix}{k}", float(v))
 
     def metrics(self, metrics: dict, prefix: str = "", step: int | None = None) -> None:
         if not self.enabled:
@@ -224,7 +195,8 @@ class Tracker:
                 **(extra_tags or {})}
         client = mlflow.MlflowClient()
         for k, v in tags.items():
-            client.set_model_version_tag(name, str(version), k, str(v))
+            value = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+            client.set_model_version_tag(name, str(version), k, value)
         self.tags({f"registered.{key}": f"{name}/{version}"})
         log.info("registered %s version %d", name, version)
         return version
@@ -381,12 +353,13 @@ def list_models(experiment: str = "stm-defects") -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- loading
-def load_registered(stage: str = "Production", experiment: str = "stm-defects", method: str = "improved"):
-    """A `pipeline.Models` from the registry versions that hold `stage`'s alias.
+def load_registered(stage: str = "Production", experiment: str = "stm-defects"):
+    """A `results.Models` from the registry versions that hold `stage`'s alias.
 
-    The improved analysis' state is needed only when `method` is "improved".
+    `Models.config` is the prediction config stored with the `stm-improved` version (the last
+    model every pipeline registers, with the resolved params of that pipeline run).
     """
-    from .pipeline import Models
+    from stm_defects.results import Models
 
     alias = stage.lower()
     if alias not in ("production", "staging"):
@@ -399,8 +372,6 @@ def load_registered(stage: str = "Production", experiment: str = "stm-defects", 
     client = mlflow.MlflowClient()
     loaded, versions, tags = {}, {}, {}
     for key, name in MODEL_NAMES.items():
-        if key == "improved" and method != "improved":
-            continue
         try:
             mv = client.get_model_version_by_alias(name, alias)
         except Exception:  # noqa: BLE001
@@ -412,11 +383,15 @@ def load_registered(stage: str = "Production", experiment: str = "stm-defects", 
         versions[key] = {"name": name, "version": int(mv.version), "stage": STAGES[alias]}
         tags[key] = mv.tags
     calibration = json.loads(tags["gmm"].get("calibration", "{}"))
-    classifier = "improved" if method == "improved" else "gmm"
+    if "config" not in tags["improved"]:
+        raise TrackingError(f"{MODEL_NAMES['improved']} v{versions['improved']['version']} carries no "
+                            "prediction config (registered by an older version): retrain with `make run`")
+    config = json.loads(tags["improved"]["config"])
+    classifier = "improved" if config.get("method", "improved") == "improved" else "gmm"
     class_names = {"-1": "unknown", **json.loads(tags[classifier].get("class_names", "{}"))}
     models = Models(ae1=loaded["ae1"].eval(), kmeans=loaded["kmeans"], ae2=loaded["ae2"].eval(),
                     gmm=loaded["gmm"], calibration=calibration, versions=versions, class_names=class_names,
-                    improved=loaded.get("improved"))
+                    improved=loaded.get("improved"), config=config)
     return models
 
 
@@ -450,3 +425,14 @@ def temporary_store():
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def production_method(experiment: str = "stm-defects") -> str:
+    """The method ("improved" or "paper") of the Production set's prediction config."""
+    client = _client(experiment)
+    try:
+        mv = client.get_model_version_by_alias(MODEL_NAMES["improved"], "production")
+    except Exception:  # noqa: BLE001
+        raise TrackingError(f"no {MODEL_NAMES['improved']} version in Production; give --classifier "
+                            "and --version") from None
+    return json.loads(mv.tags.get("config", "{}")).get("method", "improved")

@@ -1,7 +1,8 @@
 """Per-scan prediction: read -> preprocess -> analyse -> JSON + pictures.
 
-`predict_scan` depends only on its arguments (a path, a `Models` bundle, params, an output
-folder), so a batch can be spread over processes or machines by any task runner.
+`predict_scan` depends only on its arguments (a path, a `Models` bundle, a `PredictConfig`, an
+output folder), so a batch can be spread over processes or machines by any task runner. Each JSON
+records the prediction config, the model versions and the software version that produced it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import save_png, write_json
-from .pipeline import Analysis, Models, analyse
-from .preprocess import preprocess
-from .render import character_picture, class_picture, overlay
-from .scans import Scan, read_scan, require_min_size
+from stm_defects.analysis.dispatch import PredictConfig, analyse
+from stm_defects.analysis.render import character_picture, class_picture, overlay
+from stm_defects.image.preprocess import preprocess
+from stm_defects.io.files import save_png, write_json
+from stm_defects.io.scans import Scan, read_scan, require_min_size
+from stm_defects.results import Analysis, Models
 
 
 def to_original(defect: dict, scale: float, origin: tuple[int, int]) -> dict:
@@ -30,11 +32,21 @@ def to_original(defect: dict, scale: float, origin: tuple[int, int]) -> dict:
                 area_px=int(round(defect["area_px"] / scale ** 2)))
 
 
-def analyse_scan(scan: Scan, models: Models, params) -> tuple[np.ndarray, float, Analysis, list[dict]]:
+def software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stm-defects")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def analyse_scan(scan: Scan, models: Models, cfg: PredictConfig
+                 ) -> tuple[np.ndarray, float, Analysis, list[dict]]:
     """(img01, scale, analysis, defects in original coordinates) of one scan."""
-    require_min_size(scan, params.prepare.patch)
-    img, scale = preprocess(scan.height, scan.pixel_nm, params.preprocess)
-    result = analyse(img, models, params)
+    require_min_size(scan, cfg.min_scan_px)
+    img, scale = preprocess(scan.height, scan.pixel_nm, cfg.preprocess)
+    result = analyse(img, models, cfg)
     names = models.class_names
     defects = []
     for r in result.regions:
@@ -47,17 +59,20 @@ def analyse_scan(scan: Scan, models: Models, params) -> tuple[np.ndarray, float,
     return img, scale, result, defects
 
 
-def predict_scan(path: str | Path, models: Models, params, out_dir: str | Path,
-                 direction: str | None = None) -> dict:
+def predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_dir: str | Path,
+                 direction: str | None = None, provenance: dict | None = None) -> dict:
     """Write `<stem>.json`, `_overlay.png`, `_classes.png`, `_character.png`; return a summary row."""
     path, out = Path(path), Path(out_dir)
     scan = read_scan(path, direction=direction)
-    img, scale, result, defects = analyse_scan(scan, models, params)
+    img, scale, result, defects = analyse_scan(scan, models, cfg)
     stem = path.stem if path.suffix.lower() != ".z_mtrx" else f"{path.stem}_{scan.direction.replace('/', '-')}"
     write_json(out / f"{stem}.json", {
         "image": str(path), "shape": list(scan.original_shape or scan.height.shape),
         "pixel_size_nm": scan.pixel_nm, "channel": scan.channel, "direction": scan.direction,
-        "crop_origin": list(scan.origin), "models": models.versions, "defects": defects,
+        "crop_origin": list(scan.origin), "models": models.versions,
+        "software": {"stm-defects": software_version()},
+        "config": {**(provenance or {}), "values": cfg.to_dict()},
+        "defects": defects,
     })
     local = [dict(r, name=d["name"]) for r, d in zip(result.regions, defects)]
     save_png(out / f"{stem}_overlay.png", overlay(img, local))

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from sklearn.exceptions import NotFittedError
 
-from .windows import extract_windows, mean_map, vote_map
+from stm_defects.image.windows import extract_windows, mean_map, vote_map
 
 __all__ = ["character_map", "colourise", "error_map"]
 

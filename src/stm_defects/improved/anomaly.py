@@ -22,19 +22,19 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.measure import label
 
-from .steps import (
+from stm_defects.image.preprocess import remove_scars
+from stm_defects.image.robust import robust_location_scale
+from stm_defects.improved.steps import (
     StepConfig,
     Terraces,
     detect_steps,
     level_terraces,
-    remove_scars,
     step_profile,
     terrace_background,
 )
 
 __all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "score_map"]
 
-_MAD = 1.4826
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,7 @@ class AnomalyResult:
 
 
 def _robust_std(x: np.ndarray) -> float:
-    med = np.median(x)
-    return float(_MAD * np.median(np.abs(x - med))) + 1e-12
+    return robust_location_scale(x)[1]
 
 
 def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:

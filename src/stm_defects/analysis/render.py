@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-from .maps import colourise
+from stm_defects.paper.maps import colourise
 
 
 def grey_to_rgb(img01: np.ndarray, cmap: str = "afmhot") -> np.ndarray:

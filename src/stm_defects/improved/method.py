@@ -4,7 +4,7 @@ orientation-free defect features and stable classes with an "unknown" class.
     state = fit_improved(train_images, ImprovedConfig(), seed)     # once, on training scans
     result = improved_analyse(img01, state, ImprovedConfig())      # per scan -> Analysis
 
-``img01`` is the preprocessed image (`preprocess.preprocess`), as for `pipeline.analyse`.
+``img01`` is the preprocessed image (`image.preprocess.preprocess`), as for `paper.method.analyse`.
 The state is a plain dict (numpy arrays, numbers, one sklearn GaussianMixture), so it can be
 saved with joblib and logged as an artifact.  Pure functions: no I/O, no printing; randomness
 only from ``seed``.
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .anomaly import AnomalyConfig, AnomalyResult, detect
-from .classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes
-from .pipeline import Analysis
+from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect
+from stm_defects.improved.classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes
+from stm_defects.results import Analysis
 
 __all__ = ["ImprovedConfig", "defect_patches", "fit_improved", "improved_analyse"]
 
@@ -64,13 +64,7 @@ def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int
     return state
 
 
-def _state_of(models_or_state) -> dict | None:
-    if models_or_state is None or isinstance(models_or_state, dict):
-        return models_or_state
-    return getattr(models_or_state, "improved", None)
-
-
-def improved_analyse(img01: np.ndarray, models_or_state, cfg: ImprovedConfig = ImprovedConfig()
+def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig = ImprovedConfig()
                      ) -> Analysis:
     """One scan -> `Analysis`: char_map = terrace labels (step band: -1), error_map = the
     anomaly score (robust z), mask, regions (id, x, y, bbox, area_px, score, class,
@@ -80,7 +74,6 @@ def improved_analyse(img01: np.ndarray, models_or_state, cfg: ImprovedConfig = I
     state.  class_map holds each region's class on its pixels and -1 elsewhere (so unknown
     defects are -1 there too; their regions still are in ``mask``).
     """
-    state = _state_of(models_or_state)
     res = detect(img01, cfg.anomaly)
     classes = state.get("classes") if state else None
     regions = []

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.autoencoder import set_dropout_generator
+from stm_defects.models.autoencoder import set_dropout_generator
 
 __all__ = [
     "History",

@@ -25,6 +25,8 @@ from scipy import ndimage as ndi
 from skimage.measure import label, regionprops
 from skimage.morphology import disk
 
+from stm_defects.image.robust import MAD_TO_SIGMA
+
 __all__ = [
     "MaskConfig",
     "cluster_component",
@@ -42,7 +44,6 @@ __all__ = [
 ]
 
 _CONNECTIVITY = 2  # 8-connected regions
-_MAD_TO_SIGMA = 1.4826
 _PCT_RE = re.compile(r"^p(\d+(?:\.\d*)?)$")
 _MAD_RE = re.compile(r"^mad:([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)$")
 
@@ -131,7 +132,7 @@ def threshold_value(error_map, spec) -> float:
         return float(np.percentile(e, v))
     med = float(np.median(e))
     mad = float(np.median(np.abs(e - med)))
-    return med + v * _MAD_TO_SIGMA * mad
+    return med + v * MAD_TO_SIGMA * mad
 
 
 # --------------------------------------------------------------------------- #

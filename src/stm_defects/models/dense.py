@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .training import encode, resolve_device
+from stm_defects.models.training import encode, resolve_device
 
 
 def split_encoder(model) -> tuple[nn.Module, nn.Module, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scans import Scan
+from stm_defects.io.scans import Scan
 
 SUITE_NAME = "stm_scans"
 

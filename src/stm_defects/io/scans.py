@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from stm_defects.io.files import jsonable
+
 __all__ = [
     "SCAN_EXTENSIONS",
     "Scan",
@@ -301,7 +303,7 @@ def save_gwy(
     if meta:
         meta_container = GwyContainer()
         for key, value in meta.items():
-            text = value if isinstance(value, str) else json.dumps(_jsonable(value))
+            text = value if isinstance(value, str) else json.dumps(jsonable(value, 64))
             meta_container[str(key)] = text
             meta_container.typecodes[str(key)] = "s"
         container["/0/meta"] = meta_container
@@ -369,7 +371,7 @@ def _finalise(raw: _Raw, spath: str) -> Scan:
         format=raw.format,
         origin=origin,
         original_shape=(int(full_shape[0]), int(full_shape[1])),
-        meta=_jsonable(meta),
+        meta=jsonable(meta, 64),
     )
 
 
@@ -956,24 +958,3 @@ def _display_extensions() -> list[str]:
     return [".Z_mtrx" if e == ".z_mtrx" else e for e in SCAN_EXTENSIONS]
 
 
-def _jsonable(value: Any) -> Any:
-    """A JSON-serialisable copy of ``value`` (numpy scalars unwrapped, NaN -> None)."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        if value.size <= 64:
-            return _jsonable(value.tolist())
-        return f"<array {value.dtype} {value.shape}>"
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return str(value)

@@ -1,0 +1,61 @@
+"""One preprocessed image -> `Analysis`, by the configured method; the config a prediction needs.
+
+`PredictConfig` gathers every setting that changes a prediction (preprocessing, the method and
+its sections). A registered model version stores it (`to_dict`), and `stm predict` rebuilds it
+from there (`from_dict`), so results follow the model version, not the folder one runs in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stm_defects.image.preprocess import PreprocessConfig, preprocess
+from stm_defects.improved.method import ImprovedConfig, improved_analyse
+from stm_defects.io.files import jsonable
+from stm_defects.io.scans import Scan, read_scan
+from stm_defects.paper import method as paper
+from stm_defects.results import Analysis, Models
+from stm_defects.schema import ConfigError, build
+
+METHODS = ("improved", "paper")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    method: str = "improved"             # improved (default profile) | paper (the report's pipeline)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    paper: paper.PaperConfig = field(default_factory=paper.PaperConfig)
+    improved: ImprovedConfig = field(default_factory=ImprovedConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"detector.method must be one of {METHODS}, not {self.method!r}")
+
+    def to_dict(self) -> dict:
+        return jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "prediction config") -> PredictConfig:
+        return build(cls, data, where)
+
+    @property
+    def min_scan_px(self) -> int:
+        """The smallest scan side (after preprocessing) the method can analyse."""
+        return self.paper.patch if self.method == "paper" else self.improved.classify.patch
+
+
+def analyse(img01: np.ndarray, models: Models, cfg: PredictConfig) -> Analysis:
+    """One preprocessed image -> maps, mask and classified regions, by `cfg.method`."""
+    if cfg.method == "improved":
+        return improved_analyse(img01, models.improved, cfg.improved)
+    return paper.analyse(img01, models, cfg.paper)
+
+
+def load_image(path, cfg: PreprocessConfig) -> tuple[Scan, np.ndarray, float]:
+    """Read and preprocess one scan: (scan, img01 float32, scale)."""
+    scan = read_scan(path)
+    img, scale = preprocess(scan.height, scan.pixel_nm, cfg)
+    return scan, img, scale

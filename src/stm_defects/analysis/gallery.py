@@ -1,0 +1,26 @@
+"""Per-class gallery of defect patches, to see (and then name) what each class is."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stm_defects.analysis.dispatch import PredictConfig, analyse
+from stm_defects.analysis.render import class_gallery
+from stm_defects.image.windows import windows_at
+from stm_defects.results import Models
+
+
+def gallery(images: list[np.ndarray], models: Models, cfg: PredictConfig, per_class: int = 8,
+            patch: int = 32) -> np.ndarray:
+    """Per-class montage (RGB uint8) of `patch`-px defect patches found on preprocessed `images`."""
+    examples: dict[int, list] = {}
+    for img in images:
+        regions = analyse(img, models, cfg).regions
+        if not regions:
+            continue
+        centres = np.array([[int(round(r["y"])), int(round(r["x"]))] for r in regions])
+        patches, _ = windows_at(img, centres, patch)
+        for r, p in zip(regions, patches):
+            if r["class"] is not None:
+                examples.setdefault(int(r["class"]), []).append(p[0])
+    return class_gallery(examples, models.class_names, per_class)

@@ -1,0 +1,38 @@
+"""Hashes and lineage tags for registered model versions (no MLflow import at module level)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_version(path: str | Path) -> str:
+    """A content hash of a data file or folder (names and bytes of every file in it)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path).as_posix() if path.is_dir() else f.name).encode())
+        h.update(file_sha256(f).encode())
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def lineage_tags(tracker, upstream: dict, data: str | Path) -> dict:
+    """Tags naming the data version and the registered versions a model was built on."""
+    tags = {"data_version": data_version(data)}
+    if not tracker.enabled:
+        return tags
+    from stm_defects.mlops.tracking import version_by_sha
+
+    for key, path in upstream.items():
+        if path is not None:
+            tags[f"{key}_version"] = version_by_sha(key, file_sha256(path))
+    return tags
