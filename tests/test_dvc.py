@@ -1,10 +1,13 @@
 """DVC: data versioning round trip through a local remote, and the repo's dvc.yaml against the
-code (stage commands are valid `stm` invocations, params exist, deps exist or come from a stage)."""
+code: it is exactly what `mlops.dag` generates, every stage command names a stage of the runner,
+params exist, deps exist or come from an earlier stage, and editing a module makes `dvc status`
+report exactly the stages whose code can reach it."""
 
 from __future__ import annotations
 
 import os
 import shlex
+import json
 import shutil
 import subprocess
 import sys
@@ -12,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 import yaml
 
-from stm_defects.cli import app
+from stm_defects.mlops import dag
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"
@@ -112,15 +114,66 @@ def test_stage_params_exist_in_params_yaml(stages):
                 node = node[part]
 
 
-def test_stage_commands_are_valid_stm_invocations(stages):
-    cli = typer.main.get_command(app)
+def test_dvc_yaml_is_generated_from_the_stage_table():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert (REPO / "dvc.yaml").read_text() == dag.render(raw), \
+        "dvc.yaml is stale: run `python -m stm_defects.mlops.dag > dvc.yaml`"
+
+
+def test_stage_commands_run_a_stage_of_the_runner(stages):
+    assert list(stages) == [s.name for s in dag.STAGES]
     for name, stage in stages.items():
-        args = shlex.split(stage["cmd"])
-        assert args[0] == "stm", f"stage {name}: {stage['cmd']}"
-        command = cli.commands.get(args[1])
-        assert command is not None, f"stage {name}: no `stm {args[1]}` command"
-        # parses options and arguments exactly as a run would (unknown or missing options raise)
-        command.make_context(args[1], args[2:])
-        for out in _paths(stage.get("outs")):
-            assert out in stage["cmd"] or any(out.startswith(a.rstrip("/") + "/") for a in args[2:]), \
-                f"stage {name}: output {out} is not written by its command"
+        assert shlex.split(stage["cmd"]) == ["python", "-m", dag.RUNNER, name]
+
+
+def test_every_module_a_stage_can_import_is_a_dependency(stages):
+    for st in dag.STAGES:
+        deps = _paths(stages[st.name].get("deps"))
+        for module in dag.module_closure(dag.RUNNER, st.module):
+            rel = dag._module_file(module).relative_to(REPO).as_posix()
+            assert any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps), (st.name, rel)
+    # and the closure follows imports inside functions (the stages import lazily)
+    assert "stm_defects.improved.anomaly" in dag.module_closure(dag.RUNNER, dag.stage("fit_improved").module)
+    assert "stm_defects.improved.anomaly" not in dag.module_closure("stm_defects.mlops.stages.autoencoders")
+
+
+def _expected(stages: dict, rel: str) -> set[str]:
+    return {name for name, st in stages.items()
+            if any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in _paths(st.get("deps")))}
+
+
+def test_editing_a_module_makes_dvc_status_report_the_stages_that_use_it(tmp_path, stages):
+    """A copy of the project with placeholder outputs, committed as up to date; then edit one
+    module at a time and ask DVC which stages changed."""
+    work = tmp_path / "copy"
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copyfile(REPO / name, work / name)
+    run(DVC, "init", "-q", "--no-scm", cwd=work)
+    for st in stages.values():
+        for out in _paths(st.get("outs")) + _paths(st.get("metrics")):
+            path = work / out
+            if path.suffix:                      # a file output
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}\n")
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "placeholder").write_text("x\n")
+    for st in stages.values():                   # deps inside an output folder (e.g. models/ae1/model.pt)
+        for dep in _paths(st.get("deps")):
+            path = work / dep
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("x\n")
+    run(DVC, "commit", "-f", "-q", cwd=work)
+    assert json.loads(run(DVC, "status", "--json", cwd=work).stdout or "{}") == {}
+    for rel in ("src/stm_defects/image/robust.py", "src/stm_defects/improved/anomaly.py",
+                "src/stm_defects/mlops/stages/evaluate.py", "src/stm_defects/models/training.py"):
+        target = work / rel
+        original = target.read_text()
+        target.write_text(original + "\n# edited\n")
+        changed = set(json.loads(run(DVC, "status", "--json", cwd=work).stdout or "{}"))
+        target.write_text(original)
+        expected = _expected(stages, rel)
+        assert expected, rel
+        assert changed == expected, (rel, sorted(changed), sorted(expected))
