@@ -116,7 +116,7 @@ def bench_variant(
 
 
 def accuracy(profile: str, x: np.ndarray, batch: int, device: str, epochs: int, seed: int) -> None:
-    print(f"\naccuracy: {profile}, n={len(x)}, epochs={epochs}, batch={batch}, seed={seed}")
+    print(f"\naccuracy: widths {profile.widths}, n={len(x)}, epochs={epochs}, batch={batch}, seed={seed}")
     n_val = len(x) // 5
     x_train, x_val = x[n_val:], x[:n_val]
     models = {}
@@ -159,7 +159,8 @@ def accuracy(profile: str, x: np.ndarray, batch: int, device: str, epochs: int, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="slim", help="slim|paper, or a profile name such as ae2_slim")
+    ap.add_argument("--profile", default="slim", help="slim|paper|ae2_slim|ae2_paper (from params.yaml)")
+    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--n", type=int, default=4096, help="number of patches")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--device", default="auto")
@@ -177,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    profile = {"slim": "ae1_slim", "paper": "ae1_paper"}.get(args.profile, args.profile)
+    from stm_defects.config import load_params
+
+    # slim = params.yaml's default widths, paper = its `profiles.paper` (the report's); ae2_* for AE2
+    which = "ae2" if args.profile.startswith("ae2") else "ae1"
+    label = args.profile
+    profile = getattr(load_params(args.params, "paper" if "paper" in args.profile else None), which)
     device = resolve_device(args.device)
     model = build_autoencoder(profile)
     x, source = synth_patches(args.n, seed=args.seed)
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         + f", torch {torch.__version__}, {torch.get_num_threads()} threads, python {sys.version.split()[0]}"
     )
     print(
-        f"profile: {profile}, {count_parameters(model):,} trainable params "
+        f"profile: {label}, {count_parameters(model):,} trainable params "
         f"({keras_parameter_count(model):,} Keras-style), n={len(x)} patches ({source}), batch={args.batch}"
     )
     if not bf16_supported(device):

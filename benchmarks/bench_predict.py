@@ -25,16 +25,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
 
-    from stm_defects.mlops import stages
-    from stm_defects.config import load_params
+    from stm_defects.config import load_params, predict_config
+    from stm_defects.data.synth import synth_scan
+    from stm_defects.image.preprocess import preprocess
     from stm_defects.improved.method import improved_analyse
+    from stm_defects.io.model_files import load_models
     from stm_defects.paper.masks import defect_mask, defect_regions
     from stm_defects.paper.method import classify_regions, mask_config, stage1_maps
-    from stm_defects.image.preprocess import preprocess
-    from stm_defects.data.synth import synth_scan
 
     params = load_params(args.params, args.profile)
-    models = stages.load_models(args.models)
+    pcfg = predict_config(params)
+    models = load_models(args.models)
     cfg = params.synth.__class__(**{**params.synth.__dict__, "size": args.size})
     scans = [synth_scan(cfg, 1000 + i) for i in range(args.n + 1)]
     steps = {"preprocess": [], "stage 1 maps": [], "mask + regions": [], "AE2 + GMM": [], "total": []}
@@ -42,12 +43,12 @@ def main() -> None:
         t0 = time.perf_counter()
         img, _ = preprocess(s.height, s.pixel_nm, params.preprocess)
         t1 = time.perf_counter()
-        cmap, emap = stage1_maps(img, models, params)
+        cmap, emap = stage1_maps(img, models, pcfg.paper)
         t2 = time.perf_counter()
-        mask = defect_mask(emap, cmap, mask_config(params, models.calibration))
+        mask = defect_mask(emap, cmap, mask_config(params.mask, models.calibration))
         regions = defect_regions(mask, emap)
         t3 = time.perf_counter()
-        classify_regions(img, mask, regions, models, params)
+        classify_regions(img, mask, regions, models, pcfg.paper)
         t4 = time.perf_counter()
         if i == 0:
             continue  # warm-up
@@ -57,7 +58,7 @@ def main() -> None:
     for i, s in enumerate(scans):
         t0 = time.perf_counter()
         img, _ = preprocess(s.height, s.pixel_nm, params.preprocess)
-        improved_analyse(img, models, params.improved)
+        improved_analyse(img, models.improved, params.improved)
         if i:
             improved.append(time.perf_counter() - t0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
