@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from stm_defects.cli import app
 
 runner = CliRunner()
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 MATRIX_DATA = "default_2011Mar10-162902_STM-STM_Spectroscopy--1_3.Z_mtrx"
 REAL_FOLDERS = ["pynxtools-spm", "spiepy", "spym-rhk", "srsml24-schofield"]
@@ -196,13 +198,20 @@ def _command_names() -> list[str]:
     return sorted(typer.main.get_command(app).commands)
 
 
+COMMANDS = {"info", "train", "classes", "predict", "promote", "models", "ui", "name-class", "results"}
+# Pipeline stages run through `python -m stm_defects.mlops.run STAGE`, not the CLI.
+STAGE_COMMANDS = {"synth", "validate", "prepare", "tune", "train-ae", "kmeans", "defects", "gmm",
+                  "fit-improved", "evaluate"}
+
+
 def test_help_lists_every_command():
     result = invoke("--help")
     assert result.exit_code == 0, result.output
     for name in _command_names():
         assert name in result.output
-    for expected in ("info", "synth", "train", "predict", "promote", "models"):
-        assert expected in _command_names()
+    assert set(_command_names()) == COMMANDS
+    assert not STAGE_COMMANDS & set(_command_names())
+    assert "--project" in result.output
 
 
 @pytest.mark.parametrize("name", _command_names())
@@ -216,10 +225,46 @@ def test_command_help(name):
 def test_bad_params_file_is_one_line(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("seed: 1\nkmeans: {k_rnage: [2, 4]}\n")
-    result = invoke("synth", "--out", tmp_path / "out", "--params", params)
+    (tmp_path / "scans").mkdir()
+    result = invoke("train", tmp_path / "scans", "--out", tmp_path / "out", "--params", params)
     assert_clean_failure(result)
     assert "k_rnage" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()        # nothing ran
+
+
+def test_unknown_profile_is_one_line(tmp_path):
+    (tmp_path / "scans").mkdir()
+    result = invoke("train", tmp_path / "scans", "--out", tmp_path / "out", "--params",
+                    PARAMS, "--profile", "gpu-huge")
+    assert_clean_failure(result)
+    assert "gpu-huge" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_outside_any_project_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("STM_PROJECT", raising=False)
+    monkeypatch.delenv("STM_REPO_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for args in (["results"], ["ui", "--port", "5999"]):
+        result = invoke(*args)
+        assert_clean_failure(result)
+        assert "no stm-defects project" in result.output and "--project" in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "mlruns").exists()      # no store is created where it was run
+
+
+def test_project_option_selects_the_project(tmp_path, monkeypatch):
+    monkeypatch.setenv("STM_PROJECT", str(tmp_path / "elsewhere"))   # restored after the test
+    monkeypatch.chdir(tmp_path)
+    project = tmp_path / "proj"
+    (project / "reports").mkdir(parents=True)
+    (project / "reports" / "evaluation.json").write_text('{"test": {"f1": 0.875, "ari": 0.5}}')
+    result = invoke("--project", project, "results")
+    assert result.exit_code == 0, result.output
+    assert f"results (in {project.resolve()})" in result.stdout
+    assert "F1 0.875" in result.stdout and "ARI 0.500" in result.stdout
 
 
 def test_missing_inputs_are_one_line(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stm_defects.config import ConfigError, Params, load_params, resolve
+from stm_defects.config import ConfigError, Params, ScopedParams, load_params, resolve, section_types
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -116,3 +116,60 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("seed: [1, 2\n")
     with pytest.raises(ConfigError, match="YAML"):
         load_params(bad)
+
+
+# Sections sharing a dataclass: the class defaults follow the first of each pair.
+_SECOND_OF_PAIR = {"ae2": "ae1", "ae2_train": "ae1_train", "synth_hard": "synth"}
+
+
+def _differences(code, file, prefix: str) -> list[tuple[str, object, object]]:
+    if dataclasses.is_dataclass(code) and dataclasses.is_dataclass(file):
+        out = []
+        for f in dataclasses.fields(code):
+            out += _differences(getattr(code, f.name), getattr(file, f.name), f"{prefix}.{f.name}")
+        return out
+    return [] if code == file else [(prefix, code, file)]
+
+
+@pytest.mark.parametrize(
+    "section",
+    [s for s in yaml.safe_load(PARAMS.read_text()) if s not in ("seed", "profile", "profiles", *_SECOND_OF_PAIR)],
+)
+def test_dataclass_defaults_equal_params_yaml(section):
+    """A library function called without a config must behave as the pipeline (default profile) does."""
+    cls = section_types()[section]
+    from_file = getattr(load_params(PARAMS, profile="default"), section)
+    assert type(from_file) is cls
+    diffs = _differences(cls(), from_file, section)
+    assert not diffs, "code default != params.yaml: " + "; ".join(
+        f"{key}: {code!r} != {file!r}" for key, code, file in diffs
+    )
+
+
+def test_every_section_has_a_type_and_pairs_share_one(raw):
+    types = section_types()
+    assert set(raw) - {"seed", "profile", "profiles"} == set(types)
+    for second, first in _SECOND_OF_PAIR.items():
+        assert types[second] is types[first]
+
+
+def test_scoped_params_and_flat(raw):
+    p = resolve(fresh(raw))
+    scoped = ScopedParams(p, ("kmeans", "prepare"), "cluster")
+    assert scoped.kmeans is p.kmeans and scoped.profile == p.profile
+    with pytest.raises(ConfigError, match="ae1"):
+        _ = scoped.ae1                              # not declared by the stage
+    assert scoped.replace(kmeans=dataclasses.replace(p.kmeans, k=3)).kmeans.k == 3
+    with pytest.raises(ConfigError):
+        scoped.replace(ae1=p.ae1)
+    # the digest covers the declared sections only
+    other = dataclasses.replace(p, ae1=dataclasses.replace(p.ae1, latent=p.ae1.latent + 1))
+    assert ScopedParams(other, ("kmeans", "prepare"), "cluster").digest() == scoped.digest()
+    changed = dataclasses.replace(p, kmeans=dataclasses.replace(p.kmeans, k=p.kmeans.k + 1))
+    assert ScopedParams(changed, ("kmeans", "prepare"), "cluster").digest() != scoped.digest()
+
+    flat = p.flat("kmeans", "improved")
+    assert flat["kmeans.k"] == str(p.kmeans.k)
+    assert flat["improved.anomaly.steps.sigma"] == str(p.improved.anomaly.steps.sigma)
+    assert not any(k.startswith("ae1.") for k in flat)
+    assert set(p.flat()) > set(flat)

@@ -1,18 +1,18 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from stm_defects.config import load_params
 from stm_defects.models import (
-    PROFILES,
     AEConfig,
     ConvAutoencoder,
     SeededDropout,
     build_autoencoder,
     count_parameters,
     keras_parameter_count,
-    list_profiles,
     load_checkpoint,
     save_checkpoint,
     set_dropout_generator,
@@ -34,19 +34,37 @@ def _patches(n: int, s: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 1, s, s, generator=g)
 
 
-def test_profiles_registered():
-    assert set(list_profiles()) >= {"ae1_paper", "ae2_paper", "ae1_slim", "ae2_slim"}
-    assert PROFILES["ae1_paper"].widths == (128, 256, 512)
-    assert PROFILES["ae1_paper"].encoder_norm == (True, True, False)
-    assert PROFILES["ae2_paper"].kernels == (5, 3, 3)
-    assert PROFILES["ae2_paper"].hidden == 256 and PROFILES["ae2_paper"].latent == 8
-    with pytest.raises(TypeError):
-        PROFILES["mine"] = AEConfig()  # read-only registry
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+_PAPER = load_params(PARAMS, profile="paper")
+_DEFAULT = load_params(PARAMS, profile="default")
+# The report's full-width models are params.yaml's `paper` profile; the default profile is slim.
+CONFIGS = {
+    "ae1_paper": _PAPER.ae1,
+    "ae2_paper": _PAPER.ae2,
+    "ae1_slim": _DEFAULT.ae1,
+    "ae2_slim": _DEFAULT.ae2,
+}
+
+
+def test_paper_profile_configs():
+    ae1, ae2 = CONFIGS["ae1_paper"], CONFIGS["ae2_paper"]
+    assert isinstance(ae1, AEConfig) and isinstance(ae2, AEConfig)
+    assert ae1.widths == (128, 256, 512)
+    assert ae1.kernels == (3, 3, 3)
+    assert ae1.encoder_norm == (True, True, False)
+    assert ae1.hidden is None and ae1.latent == 32
+    assert ae2.widths == (64, 128, 512)
+    assert ae2.kernels == (5, 3, 3)
+    assert ae2.encoder_norm == (True, True, True)
+    assert ae2.hidden == 256 and ae2.latent == 8
+    # the slim default profile keeps the topology with narrower convs
+    assert CONFIGS["ae1_slim"].widths == CONFIGS["ae2_slim"].widths == (16, 32, 64)
+    assert CONFIGS["ae2_slim"].hidden == 64
 
 
 @pytest.mark.parametrize("name", ["ae1_paper", "ae2_paper", "ae1_slim", "ae2_slim"])
 def test_shapes(name):
-    model = build_autoencoder(name).eval()
+    model = build_autoencoder(CONFIGS[name]).eval()
     cfg = model.cfg
     x = _patches(2)
     with torch.no_grad():
@@ -60,15 +78,15 @@ def test_shapes(name):
 
 
 def test_paper_parameter_counts():
-    ae1 = build_autoencoder("ae1_paper")
+    ae1 = build_autoencoder(CONFIGS["ae1_paper"])
     assert keras_parameter_count(ae1) == AE1_PAPER_KERAS_PARAMS
     assert count_parameters(ae1) == AE1_PAPER_TORCH_PARAMS == 3_486_753
-    ae2 = build_autoencoder("ae2_paper")
+    ae2 = build_autoencoder(CONFIGS["ae2_paper"])
     assert keras_parameter_count(ae2) == AE2_PAPER_KERAS_PARAMS
 
 
 def test_paper_ae1_layer_order():
-    enc = build_autoencoder("ae1_paper").encoder
+    enc = build_autoencoder(CONFIGS["ae1_paper"]).encoder
     kinds = [type(m).__name__ for m in enc]
     assert kinds == [
         "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
@@ -90,7 +108,7 @@ def test_other_patch_size_and_depth():
 def test_from_dict():
     cfg = AEConfig.from_dict({"widths": [8, 16, 32], "kernels": [3, 3, 3], "latent": 5})
     assert cfg.widths == (8, 16, 32) and cfg.latent == 5
-    assert AEConfig.from_dict(dataclasses.asdict(PROFILES["ae2_paper"])) == PROFILES["ae2_paper"]
+    assert AEConfig.from_dict(dataclasses.asdict(CONFIGS["ae2_paper"])) == CONFIGS["ae2_paper"]
     assert build_autoencoder({"latent": 7}).cfg.latent == 7
     with pytest.raises(ValueError, match="unknown AEConfig key.*'latnet'"):
         AEConfig.from_dict({"latnet": 8})
@@ -100,15 +118,15 @@ def test_from_dict():
         AEConfig(patch=36)
     with pytest.raises(ValueError, match="odd"):
         AEConfig(kernels=(3, 4, 3))
-    with pytest.raises(ValueError, match="unknown autoencoder profile"):
-        build_autoencoder("ae3_paper")
+    with pytest.raises(TypeError, match="cannot build an autoencoder from str"):
+        build_autoencoder("ae1_paper")  # profile names are gone: configs come from params.yaml
 
 
 def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
     state = torch.get_rng_state()
-    a = build_autoencoder("ae1_slim", seed=3)
-    b = build_autoencoder("ae1_slim", seed=3)
-    c = build_autoencoder("ae1_slim", seed=4)
+    a = build_autoencoder(CONFIGS["ae1_slim"], seed=3)
+    b = build_autoencoder(CONFIGS["ae1_slim"], seed=3)
+    c = build_autoencoder(CONFIGS["ae1_slim"], seed=4)
     assert torch.equal(torch.get_rng_state(), state)
     for (ka, va), (_, vb), (_, vc) in zip(
         a.state_dict().items(), b.state_dict().items(), c.state_dict().items(), strict=True
@@ -128,7 +146,7 @@ def _blobs(n: int, s: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def test_overfit_one_batch():
-    model = build_autoencoder("ae1_slim", seed=0)
+    model = build_autoencoder(CONFIGS["ae1_slim"], seed=0)
     x = _blobs(16)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -143,7 +161,7 @@ def test_overfit_one_batch():
 
 
 def test_gradients_reach_input():
-    model = build_autoencoder("ae2_slim", seed=0).train()
+    model = build_autoencoder(CONFIGS["ae2_slim"], seed=0).train()
     x = _patches(4).requires_grad_(True)
     F.mse_loss(model(x), torch.zeros_like(x)).backward()
     assert x.grad is not None
@@ -165,7 +183,7 @@ def test_seeded_dropout():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = build_autoencoder("ae2_slim", seed=1)
+    model = build_autoencoder(CONFIGS["ae2_slim"], seed=1)
     # make BN running statistics non-trivial
     model.train()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for stm_defects.scans: real instrument files, round trips and bad input."""
+"""Tests for stm_defects.io.scans: real instrument files, round trips and bad input."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 import numpy as np
 from scipy.special import expit
 
+from stm_defects.image.preprocess import remove_scars
 from stm_defects.improved.steps import (
     StepConfig,
     detect_steps,
     level_terraces,
-    remove_scars,
     step_edges,
     step_profile,
     terrace_background,
@@ -49,7 +49,8 @@ def test_remove_scars_keeps_steps():
     z, _ = _staircase()
     scarred = z.copy()
     scarred[40, 20:70] += 2.0
-    out = remove_scars(scarred, 5.0, 8)
+    cfg = StepConfig()  # the detector removes scars with its own k / min_length
+    out = remove_scars(scarred, cfg.scar_k, cfg.scar_min_length)
     assert np.abs(out[40, 20:70] - z[40, 20:70]).max() < 0.5
     far = np.ones(z.shape, bool)
     far[37:44] = False

@@ -20,6 +20,9 @@ from stm_defects.data.synth import (
 )
 
 SMALL = SynthConfig(size=128)
+# 25.6 nm square (explicit, not the size default): the default density of 1.2-3.0 defects per
+# 100 nm^2 gives about 8-20 defects per scan.
+SCAN = SynthConfig(size=256)
 CLEAN = SynthConfig(
     snr=(1e9, 1e9),
     tilt_nm_per_px=0.0,
@@ -74,7 +77,7 @@ def test_deterministic_per_seed():
 
 def test_defects_inside_and_separated():
     for seed in range(6):
-        cfg = SynthConfig()
+        cfg = SCAN
         s = synth_scan(cfg, seed)
         H, W = s.height.shape
         assert 5 <= len(s.defects) <= 25
@@ -94,14 +97,14 @@ def test_defects_inside_and_separated():
 
 
 def test_default_density_gives_8_to_20_defects():
-    counts = [len(synth_scan(SynthConfig(), s).defects) for s in range(10)]
+    counts = [len(synth_scan(SCAN, s).defects) for s in range(10)]
     assert 8 <= np.mean(counts) <= 20
 
 
 def test_every_class_appears():
     seen = set()
     for seed in range(6):
-        seen.update(d["class"] for d in synth_scan(SynthConfig(), seed).defects)
+        seen.update(d["class"] for d in synth_scan(SCAN, seed).defects)
     assert seen == set(DEFECT_CLASSES)
 
 
@@ -125,7 +128,7 @@ def test_truth_dict_json_serialisable():
     t = truth_dict(s)
     txt = json.dumps(t, allow_nan=False)
     back = json.loads(txt)
-    assert back["shape"] == [256, 256]
+    assert back["shape"] == [HARD.size, HARD.size]
     assert back["pixel_nm"] == pytest.approx(0.1)
     assert back["n_steps"] == s.meta["n_steps"]
     assert len(back["defects"]) == len(s.defects)

@@ -87,6 +87,104 @@ def test_stm_ui_runs_mlflow_ui_on_localhost(store, monkeypatch):
     assert "http://127.0.0.1:5123" in result.output
 
 
+def test_tracker_logs_stage_params_used_values_and_parent_metrics(store, monkeypatch):
+    import mlflow
+
+    from stm_defects.config import resolve
+    from stm_defects.mlops.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    monkeypatch.setenv("STM_PIPELINE_RUN", "tracking-test")
+    monkeypatch.chdir(store["root"])
+    params = resolve(yaml.safe_load((REPO / "params.yaml").read_text()))
+    with Tracker(params, "helpers") as tr:
+        tr.stage_params(["kmeans"])
+        tr.params_used({"ae1.latent": 16})
+        tr.parent_metrics({"f1": 0.5, "nan": float("nan"), "flag": True}, prefix="test_")
+        tr.metrics({"loss": 0.25, "inf": float("inf"), "name": "x"}, prefix="s_")
+    assert tr.parent_id == store["parent"]        # the same pipeline execution: one parent run
+    client = mlflow.MlflowClient(store["uri"])
+    run = client.get_run(tr.run_id)
+    assert run.data.params["kmeans.k"] == str(params.kmeans.k)
+    assert not any(k.startswith("ae1.") for k in run.data.params)   # only the sections it reads
+    assert run.data.tags["used.ae1.latent"] == "16"
+    assert run.data.tags["kind"] == "stage" and run.data.tags["mlflow.parentRunId"] == store["parent"]
+    assert run.data.metrics == {"s_loss": 0.25}
+    parent = client.get_run(store["parent"])
+    assert parent.data.metrics["test_f1"] == 0.5
+    assert "test_nan" not in parent.data.metrics and "test_flag" not in parent.data.metrics
+    assert parent.data.params["kmeans.k"] == str(params.kmeans.k)  # every resolved value on the parent
+
+    off = Tracker(params, "off", enabled=False)
+    with off:
+        off.stage_params(["kmeans"])
+        off.params_used({"a": 1})
+        off.parent_metrics({"f1": 1.0})
+        assert off.register("kmeans", None, "0" * 64) is None
+    assert off.run_id is None
+
+
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory):
+    """A store with one version of each of the five models in Production; stm-improved v1 has
+    no prediction config (as registered by an older version), v2 has one."""
+    from sklearn.cluster import KMeans
+    from sklearn.mixture import GaussianMixture
+
+    from stm_defects.config import predict_config, resolve
+    from stm_defects.mlops.tracking import Tracker, promote
+    from stm_defects.models import AEConfig, build_autoencoder
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    x = np.random.default_rng(0).normal(size=(30, 2))
+    tiny = AEConfig(widths=(4,), kernels=(3,), encoder_norm=(True,), latent=2, patch=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("STM_PIPELINE_RUN", "registry-test")
+        mp.chdir(root)
+        params = resolve(yaml.safe_load((REPO / "params.yaml").read_text()))
+        config = predict_config(params).to_dict()
+        with Tracker(params, "all") as tr:
+            versions = {
+                "ae1": tr.register("ae1", build_autoencoder(tiny, seed=0), "1" * 64),
+                "kmeans": tr.register("kmeans", KMeans(2, n_init=1, random_state=0).fit(x), "2" * 64),
+                "ae2": tr.register("ae2", build_autoencoder(tiny, seed=1), "3" * 64),
+                "gmm": tr.register("gmm", GaussianMixture(2, random_state=0).fit(x), "4" * 64,
+                                   {"calibration": json.dumps({"error_threshold": 0.1})}),
+                "improved": tr.register("improved", {"state": 1}, "5" * 64,
+                                        {"class_names": json.dumps({"0": "dimer"})}),
+            }
+            with_config = tr.register("improved", {"state": 2}, "6" * 64,
+                                      {"config": config, "class_names": json.dumps({"0": "dimer"})})
+        promote(versions, "Production", force=True)
+        yield {"uri": uri, "root": root, "versions": versions, "with_config": with_config, "config": config}
+
+
+def test_load_registered_needs_the_prediction_config(full_store, monkeypatch):
+    from stm_defects.mlops.tracking import TrackingError, load_registered, production_method, promote
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", full_store["uri"])
+    monkeypatch.chdir(full_store["root"])
+    assert full_store["versions"] == {"ae1": 1, "kmeans": 1, "ae2": 1, "gmm": 1, "improved": 1}
+    with pytest.raises(TrackingError, match="carries no prediction config"):
+        load_registered("Production")
+    with pytest.raises(TrackingError, match="Production or Staging"):
+        load_registered("Archived")
+    with pytest.raises(TrackingError, match="Staging"):
+        load_registered("Staging")                  # nothing in Staging
+
+    promote({"improved": full_store["with_config"]}, "Production", force=True)
+    models = load_registered("Production")
+    assert models.config == full_store["config"]
+    assert production_method() == full_store["config"]["method"]
+    assert models.versions["improved"]["version"] == full_store["with_config"] == 2
+    assert models.improved == {"state": 2}
+    assert models.calibration == {"error_threshold": 0.1}
+    assert models.class_names == {"-1": "unknown", "0": "dimer"}
+    assert models.ae1.cfg.latent == 2 and not models.ae1.training
+
+
 def _get(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.status, r.read()

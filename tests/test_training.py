@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stm_defects.models import build_autoencoder
+from stm_defects.models import AEConfig, build_autoencoder
 from stm_defects.models.training import (
     History,
     TrainConfig,
@@ -29,6 +29,10 @@ def _data(n: int = 192, s: int = 32, seed: int = 0) -> np.ndarray:
     img = (img - img.min(axis=(1, 2), keepdims=True)) / np.ptp(img, axis=(1, 2), keepdims=True)
     return img[:, None].astype(np.float32)
 
+
+# The slim CPU autoencoders of params.yaml's default profile.
+AE1_SLIM = AEConfig(widths=(16, 32, 64), kernels=(3, 3, 3), encoder_norm=(True, True, False), latent=32)
+AE2_SLIM = AEConfig(widths=(16, 32, 64), kernels=(5, 3, 3), encoder_norm=(True, True, True), latent=8, hidden=64)
 
 FAST = TrainConfig(epochs=3, batch_size=48, lr=2e-3, device="cpu")
 
@@ -59,7 +63,7 @@ def test_fit_is_deterministic_and_leaves_global_rng_alone():
     rng_state = torch.get_rng_state()
     runs = []
     for _ in range(2):
-        model = build_autoencoder("ae1_slim", seed=0)
+        model = build_autoencoder(AE1_SLIM, seed=0)
         calls = []
         hist = fit_autoencoder(model, x, FAST, seed=7, on_epoch=lambda *a, c=calls: c.append(a))
         runs.append((hist, model.state_dict(), calls))
@@ -75,7 +79,7 @@ def test_fit_is_deterministic_and_leaves_global_rng_alone():
     assert h1.seconds > 0 and h1.patches_per_s > 0
     assert h1.best_val_loss == min(h1.val_loss) and h1.val_loss[h1.best_epoch] == h1.best_val_loss
 
-    model = build_autoencoder("ae1_slim", seed=0)
+    model = build_autoencoder(AE1_SLIM, seed=0)
     h3 = fit_autoencoder(model, x, FAST, seed=8)
     assert h3.train_loss != h1.train_loss
 
@@ -86,7 +90,7 @@ def test_early_stopping_restores_best_weights():
     cfg = TrainConfig(
         epochs=12, batch_size=32, lr=5.0, early_stopping_patience=2, lr_patience=50, device="cpu"
     )
-    model = build_autoencoder("ae1_slim", seed=0)
+    model = build_autoencoder(AE1_SLIM, seed=0)
     snapshots = []
     hist = fit_autoencoder(
         model,
@@ -112,7 +116,7 @@ def test_should_stop_and_lr_schedule():
         return epoch == 1
 
     cfg = TrainConfig(epochs=10, batch_size=32, device="cpu", lr_patience=0, lr_factor=0.5)
-    hist = fit_autoencoder(build_autoencoder("ae1_slim", seed=0), x, cfg, seed=0, should_stop=should_stop)
+    hist = fit_autoencoder(build_autoencoder(AE1_SLIM, seed=0), x, cfg, seed=0, should_stop=should_stop)
     assert hist.stop_reason == "should_stop"
     assert hist.epochs_run == 2 and [e for e, _ in seen] == [0, 1]
     assert [v for _, v in seen] == hist.val_loss
@@ -122,7 +126,7 @@ def test_should_stop_and_lr_schedule():
 def test_no_validation_split():
     x = _data(64)
     cfg = TrainConfig(epochs=2, batch_size=32, val_fraction=0.0, device="cpu")
-    hist = fit_autoencoder(build_autoencoder("ae2_slim", seed=0), x, cfg, seed=0)
+    hist = fit_autoencoder(build_autoencoder(AE2_SLIM, seed=0), x, cfg, seed=0)
     assert hist.val_loss == hist.train_loss
 
 
@@ -139,14 +143,14 @@ def test_d4_augment():
     assert not torch.equal(d4_augment(big, g), big)
 
     cfg = TrainConfig(epochs=2, batch_size=32, augment="d4", device="cpu")
-    h1 = fit_autoencoder(build_autoencoder("ae1_slim", seed=0), _data(96), cfg, seed=1)
-    h2 = fit_autoencoder(build_autoencoder("ae1_slim", seed=0), _data(96), cfg, seed=1)
+    h1 = fit_autoencoder(build_autoencoder(AE1_SLIM, seed=0), _data(96), cfg, seed=1)
+    h2 = fit_autoencoder(build_autoencoder(AE1_SLIM, seed=0), _data(96), cfg, seed=1)
     assert h1.train_loss == h2.train_loss and np.isfinite(h1.train_loss).all()
 
 
 def test_inference_helpers():
     x = _data(70)
-    model = build_autoencoder("ae2_slim", seed=0)
+    model = build_autoencoder(AE2_SLIM, seed=0)
     model.train()
     z = encode(model, x, batch_size=32, device="cpu")
     r = reconstruct(model, x, batch_size=32, device="cpu")
@@ -175,7 +179,7 @@ def test_trained_model_checkpoint_round_trip(tmp_path):
     from stm_defects.models import load_checkpoint, save_checkpoint
 
     x = _data(64)
-    model = build_autoencoder("ae1_slim", seed=0)
+    model = build_autoencoder(AE1_SLIM, seed=0)
     hist = fit_autoencoder(model, x, TrainConfig(epochs=1, batch_size=32, device="cpu"), seed=0)
     save_checkpoint(tmp_path / "ae.pt", model, extra={"history": hist.to_dict()})
     loaded, meta = load_checkpoint(tmp_path / "ae.pt")

@@ -1,4 +1,4 @@
-"""Optuna studies (tuning.py) and the tuned-values file the training stages read."""
+"""The AE1 latent study (mlops/tuning.py) and the tuned-values file the training stage reads."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
+from stm_defects.config import ScopedParams, TuneParams, load_params
 from stm_defects.mlops import tuning
-from stm_defects.config import TuneParams, load_params
 from stm_defects.models import AEConfig
 from stm_defects.models.training import TrainConfig
 
@@ -46,27 +46,54 @@ def tiny_patches(n: int = 220, seed: int = 0) -> np.ndarray:
     return (0.8 * img + 0.1 * rng.random((n, 16, 16)))[:, None].astype(np.float32)
 
 
-def blobs(seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = np.array([[0, 0, 0, 0], [10, 10, 0, 0], [0, 10, 10, 5]], float)
-    return np.concatenate([c + rng.normal(0, 0.5, (150, 4)) for c in centres])
-
-
 # ------------------------------------------------------------------------------------- AE1
 def test_ae1_study_returns_a_latent_from_the_set_and_is_deterministic(db):
     kw = {"latents": (4, 8, 16), "n_trials": 2, "epochs": 1, "seed": 3, "storage": db}
     patches = tiny_patches()
     r = tuning.tune_ae1_latent(patches, TINY_AE, TINY_TRAIN, study_name="det-a", **kw)
     assert r["best_latent"] in (4, 8, 16)
-    distinct = [t for t in r["trials"] if t["duplicate_of"] is None]
-    assert len(distinct) == 2 and len({t["latent"] for t in distinct}) == 2
-    assert all(t["n_params"] > 0 and t["steps"] == 1 for t in distinct)
-    assert r["best_value"] == min(t["value"] for t in distinct if t["state"] == "COMPLETE")
+    trials = r["trials"]
+    assert len(trials) == 2 and len({t["latent"] for t in trials}) == 2
+    assert all(t["n_params"] > 0 and t["steps"] == 1 for t in trials)
+    assert r["best_value"] == min(t["value"] for t in trials if t["state"] == "COMPLETE")
 
     # same seed, a fresh study: the same trials and values
     again = tuning.tune_ae1_latent(patches, TINY_AE, TINY_TRAIN, study_name="det-b", **kw)
     key = [(t["latent"], t["value"]) for t in again["trials"]]
     assert key == [(t["latent"], t["value"]) for t in r["trials"]]
+
+
+def test_grid_study_visits_distinct_latents_and_resumes_without_training(db, monkeypatch):
+    from stm_defects.models import training
+
+    calls = []
+    real_fit = training.fit_autoencoder
+
+    def counting_fit(model, *args, **kwargs):
+        calls.append(model.cfg.latent)
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit_autoencoder", counting_fit)
+    kw = {"latents": (16, 4, 8, 8), "epochs": 1, "seed": 5, "storage": db, "study_name": "grid"}
+    patches = tiny_patches(seed=2)
+    r = tuning.tune_ae1_latent(patches, TINY_AE, TINY_TRAIN, n_trials=None, **kw)
+    # None: every distinct latent of the grid, each exactly once
+    assert sorted(calls) == [4, 8, 16]
+    assert sorted(t["latent"] for t in r["trials"]) == [4, 8, 16]
+    assert [t["number"] for t in r["trials"]] == [0, 1, 2]
+
+    # the same inputs again (more trials asked than the grid holds): the study is resumed from
+    # the database and nothing is trained
+    calls.clear()
+    again = tuning.tune_ae1_latent(patches, TINY_AE, TINY_TRAIN, n_trials=10, **kw)
+    assert calls == []
+    assert again["study_name"] == r["study_name"]
+    assert again["trials"] == r["trials"]
+    assert (again["best_latent"], again["best_value"]) == (r["best_latent"], r["best_value"])
+
+    # other data: another study in the same database, trained again
+    other = tuning.tune_ae1_latent(tiny_patches(seed=3), TINY_AE, TINY_TRAIN, n_trials=1, **kw)
+    assert other["study_name"] != r["study_name"] and len(calls) == 1
 
 
 def test_ae1_tolerance_prefers_the_smaller_latent(db):
@@ -104,71 +131,24 @@ def test_pruning_callback_asks_the_median_pruner():
     assert should_stop(2, 10.0) is False         # never pruned at the last epoch
 
 
-def test_median_pruner_ignores_duplicate_trials():
-    study = optuna.create_study(pruner=tuning.median_pruner(n_startup_trials=2, n_warmup_steps=1))
-
-    def finished(value: float, duplicate_of: int | None = None) -> None:
-        t = study.ask()
-        if duplicate_of is not None:
-            t.set_user_attr("duplicate_of", duplicate_of)
-        for step in range(3):
-            t.report(value, step)
-        study.tell(t, value)
-
-    def pruned_at(step: int, value: float) -> bool:
-        t = study.ask()
-        for s in range(step + 1):
-            t.report(value, s)
-        decision = t.should_prune()
-        study.tell(t, state=optuna.trial.TrialState.FAIL)
-        return decision
-
-    finished(0.1)
-    finished(0.1, duplicate_of=0)
-    assert not pruned_at(1, 10.0)       # one distinct trial only: still starting up
-    finished(0.2)
-    assert not pruned_at(0, 10.0)       # warm-up step
-    assert pruned_at(1, 10.0) and not pruned_at(1, 0.12)
-
-
-# ------------------------------------------------------------------------------------- GMM
-def test_gmm_study_finds_three_blobs(db):
-    r = tuning.tune_gmm(blobs(), k_range=(1, 5), covariance_types=("full", "diag"), n_trials=12, seed=0,
-                        storage=db, study_name="blobs")
-    assert r["k"] == 3 and r["covariance_type"] in ("full", "diag")
-    distinct = [t for t in r["trials"] if t["duplicate_of"] is None]
-    assert len(distinct) == 10          # the whole 5 x 2 space, each combination once
-    assert r["best_value"] == min(t["value"] for t in distinct)
-    assert all(t["value"] == distinct[[d["number"] for d in distinct].index(t["duplicate_of"])]["value"]
-               for t in r["trials"] if t["duplicate_of"] is not None)
-
-    # the same study again: resumed from the database, nothing new is run
-    again = tuning.tune_gmm(blobs(), k_range=(1, 5), covariance_types=("full", "diag"), n_trials=12, seed=0,
-                            storage=db, study_name="blobs")
-    assert again["study_name"] == r["study_name"] and len(again["trials"]) == len(r["trials"])
-    # other data (or another search space): another study in the same database
-    other = tuning.tune_gmm(blobs(seed=1), k_range=(1, 5), covariance_types=("full", "diag"), n_trials=2,
-                            seed=0, storage=db, study_name="blobs")
-    assert other["study_name"] != r["study_name"] and len(other["trials"]) >= 2
-
-
-def test_gmm_rejects_unknown_covariance(db):
-    with pytest.raises(tuning.TuningError, match="covariance"):
-        tuning.tune_gmm(blobs(), covariance_types=("round",), storage=db)
+def test_no_latents_is_an_error(db):
+    with pytest.raises(tuning.TuningError, match="no latent"):
+        tuning.tune_ae1_latent(tiny_patches(), TINY_AE, TINY_TRAIN, latents=(), storage=db)
 
 
 # ---------------------------------------------------------------------------- best values
 def test_best_values_round_trip(tmp_path):
-    best = {"gmm": {"k": 5, "covariance_type": "tied"}, "ae1": {"latent": 64}}
+    best = {"ae1": {"latent": 64}}
     tuning.write_best(tmp_path / "tuned.json", best)
     assert tuning.read_best(tmp_path / "tuned.json") == best
     tuning.write_best(tmp_path / "ae1.json", {"ae1": {"latent": 16}})
     merged = tuning.read_best(tmp_path / "tuned.json", tmp_path / "ae1.json")
-    assert merged == {"ae1": {"latent": 16}, "gmm": {"k": 5, "covariance_type": "tied"}}
+    assert merged == {"ae1": {"latent": 16}}        # later files win
 
 
 @pytest.mark.parametrize("bad", [
-    {"ae1": {"latent": 0}}, {"ae1": {"latent": 32, "lr": 1}}, {"gmm": {"k": 3, "covariance_type": "x"}},
+    {"ae1": {"latent": 0}}, {"ae1": {"latent": 32, "lr": 1}}, {"ae1": {"latent": True}},
+    {"gmm": {"k": 3, "covariance_type": "full"}},   # the GMM is no longer tuned
     {"kmeans": {"k": 3}}, [1, 2],
 ])
 def test_bad_best_values_are_refused(tmp_path, bad):
@@ -182,14 +162,19 @@ def test_bad_best_values_are_refused(tmp_path, bad):
 
 def test_apply_best_overrides_only_the_tuned_values():
     params = load_params(ROOT / "params.yaml")
-    tuned = tuning.apply_best(params, {"ae1": {"latent": 128}, "gmm": {"k": 7, "covariance_type": "diag"}})
+    tuned = tuning.apply_best(params, {"ae1": {"latent": 128}})
     assert tuned.ae1.latent == 128 and tuned.ae1.widths == params.ae1.widths
-    assert tuned.gmm.k_range == (7, 7) and tuned.gmm.covariance_types == ("diag",)
-    assert tuned.gmm.max_samples == params.gmm.max_samples
-    assert tuned.ae2 == params.ae2 and tuned.ae1_train == params.ae1_train
+    assert tuned.ae2 == params.ae2 and tuned.ae1_train == params.ae1_train and tuned.gmm == params.gmm
     assert tuned.digest() != params.digest()
-    only_gmm = tuning.apply_best(params, {"gmm": {"k": 4, "covariance_type": "full"}})
-    assert only_gmm.ae1 == params.ae1
+    assert tuning.apply_best(params, {}) == params
+
+
+def test_apply_best_to_scoped_params():
+    params = load_params(ROOT / "params.yaml")
+    scoped = ScopedParams(params, ("ae1", "ae1_train", "tune"), "train_ae1")
+    tuned = tuning.apply_best(scoped, {"ae1": {"latent": 16}})
+    assert isinstance(tuned, ScopedParams) and tuned.ae1.latent == 16
+    assert tuned.ae1.widths == params.ae1.widths
 
 
 def test_load_tuned_honours_the_switch(tmp_path):
@@ -227,11 +212,8 @@ class FakeMlflow:
 
 class FakeTracker:
     def __init__(self):
-        self.enabled, self.stage, self.run_id, self.mlflow = True, "tune", "stage-run", FakeMlflow()
-        self.logged = {"params": [], "metrics": {}, "artifacts": [], "tags": {}}
-
-    def params_of(self, *sections):
-        self.logged["params"] += sections
+        self.enabled, self.stage, self.run_id, self.mlflow = True, "tune_ae1", "stage-run", FakeMlflow()
+        self.logged = {"metrics": {}, "artifacts": [], "tags": {}}
 
     def metrics(self, metrics, prefix="", step=None):
         self.logged["metrics"].update({prefix + k: v for k, v in metrics.items()})
@@ -247,32 +229,48 @@ def test_tune_stage_writes_tuned_values_plots_and_nested_trial_runs(tmp_path, db
     params = load_params(ROOT / "params.yaml")
     params = dataclasses.replace(
         params, ae1=TINY_AE, ae1_train=TINY_TRAIN,
-        tune=TuneParams(ae1_trials=2, ae1_latents=(4, 8), ae1_epochs=2, gmm_trials=6),
-        gmm=dataclasses.replace(params.gmm, k_range=(2, 4), covariance_types=("full", "diag")))
+        tune=TuneParams(ae1_trials=2, ae1_latents=(4, 8), ae1_epochs=2))
     np.savez(tmp_path / "train.npz", patches=tiny_patches())
-    np.savez(tmp_path / "defects.npz", latents=blobs())
     tracker = FakeTracker()
-    m = tuning.tune_stage(params, tmp_path / "train.npz", tmp_path / "defects.npz", tmp_path / "out",
-                          tracker=tracker, storage=db)
+    m = tuning.tune_stage(params, tmp_path / "train.npz", tmp_path / "out", tracker=tracker, storage=db)
     out = tmp_path / "out"
     best = tuning.read_best(out / "tuned.json")
-    assert best == {"ae1": {"latent": m["ae1_latent"]}, "gmm": {"k": 3, "covariance_type": m["gmm_covariance_type"]}}
-    for name in ("history_ae1.png", "intermediate_ae1.png", "importance_ae1.png", "history_gmm.png",
-                 "importance_gmm.png", "trials_ae1.csv", "trials_gmm.csv", "metrics.json"):
+    assert best == {"ae1": {"latent": m["ae1_latent"]}} and m["ae1_latent"] in (4, 8)
+    assert m["ae1_trials_complete"] + m["ae1_trials_pruned"] == 2
+    assert json.loads((out / "metrics.json").read_text())["ae1_latent"] == m["ae1_latent"]
+    for name in ("history_ae1.png", "intermediate_ae1.png", "importance_ae1.png", "trials_ae1.csv",
+                 "metrics.json", "tuned.json"):
         assert (out / name).is_file(), name
         assert name in tracker.logged["artifacts"]
     runs = tracker.mlflow.runs
-    assert len(runs) >= 2 + 6 and all(r["nested"] and r["parent"] == "stage-run" for r in runs)
-    ae1_runs = [r for r in runs if r["tags"]["search"] == "ae1.latent"]
-    assert set(ae1_runs[0]["params"]) == {"latent"} and "n_params" in ae1_runs[0]["metrics"]
-    assert sorted(ae1_runs[0]["steps"]["val_loss"]) == [0, 1]
-    assert tracker.logged["tags"]["tuned.gmm.k"] == 3
-    assert tracker.logged["metrics"]["tune_gmm_k"] == 3
+    assert len(runs) == 2 and all(r["nested"] and r["parent"] == "stage-run" for r in runs)
+    assert all(r["tags"]["search"] == "ae1.latent" and r["tags"]["kind"] == "trial" for r in runs)
+    assert set(runs[0]["params"]) == {"latent"} and "n_params" in runs[0]["metrics"]
+    assert sorted(runs[0]["steps"]["val_loss"]) == [0, 1]
+    assert tracker.logged["tags"]["tuned.ae1.latent"] == m["ae1_latent"]
+    assert tracker.logged["metrics"]["tune_ae1_latent"] == m["ae1_latent"]
 
 
-def test_tune_stage_needs_an_input(tmp_path):
-    with pytest.raises(tuning.TuningError, match="nothing to tune"):
-        tuning.tune_stage(load_params(ROOT / "params.yaml"), None, None, tmp_path / "out")
+def test_tune_stage_needs_enough_patches(tmp_path, db):
+    np.savez(tmp_path / "train.npz", patches=tiny_patches(n=5))
+    with pytest.raises(tuning.TuningError, match="too few"):
+        tuning.tune_stage(load_params(ROOT / "params.yaml"), tmp_path / "train.npz", tmp_path / "out", storage=db)
+
+
+def test_stage_adapter_reads_only_its_declared_sections(tmp_path, db, monkeypatch):
+    from stm_defects.mlops.dag import stage as dag_stage
+
+    monkeypatch.setenv("STM_OPTUNA_STORAGE", db)
+    st = dag_stage("tune_ae1")
+    assert st.entry == "stm_defects.mlops.tuning:stage"
+    params = load_params(ROOT / "params.yaml")
+    params = dataclasses.replace(params, ae1=TINY_AE, ae1_train=TINY_TRAIN,
+                                 tune=TuneParams(ae1_trials=1, ae1_latents=(4, 8), ae1_epochs=1))
+    np.savez(tmp_path / "train.npz", patches=tiny_patches())
+    m = tuning.stage(ScopedParams(params, st.params, st.name), {"patches": tmp_path / "train.npz"},
+                     {"tuning": tmp_path / "tuning"}, None, None)
+    assert tuning.read_best(tmp_path / "tuning" / "tuned.json") == {"ae1": {"latent": m["ae1_latent"]}}
+    assert m["ae1_study"].startswith("ae1-latent-")
 
 
 @pytest.mark.slow
@@ -282,20 +280,19 @@ def test_trials_are_nested_mlflow_runs_of_the_stage_run(tmp_path, db, monkeypatc
 
     monkeypatch.setenv("STM_PIPELINE_RUN", "tune-test")
     params = load_params(ROOT / "params.yaml")
-    params = dataclasses.replace(params, tune=TuneParams(gmm_trials=4), gmm=dataclasses.replace(
-        params.gmm, k_range=(2, 4), covariance_types=("full",)))
-    np.savez(tmp_path / "defects.npz", latents=blobs())
+    params = dataclasses.replace(params, ae1=TINY_AE, ae1_train=TINY_TRAIN,
+                                 tune=TuneParams(ae1_latents=(4, 8, 16), ae1_epochs=1))
+    np.savez(tmp_path / "train.npz", patches=tiny_patches())
     with temporary_store():
-        with Tracker(params, "tune_gmm") as tr:
-            tuning.tune_stage(params, None, tmp_path / "defects.npz", tmp_path / "out", tracker=tr, storage=db)
+        with Tracker(params, "tune_ae1") as tr:
+            tuning.tune_stage(params, tmp_path / "train.npz", tmp_path / "out", tracker=tr, storage=db)
         mlflow = connect(params.tracking.experiment)
         children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{tr.run_id}'",
                                       output_format="list")
         assert {c.data.tags["kind"] for c in children} == {"trial"}
-        assert len([c for c in children if "duplicate_of" not in c.data.tags]) == 3   # the 3 x 1 space
-        assert {c.data.params["covariance_type"] for c in children} == {"full"}
-        assert all("value" in c.data.metrics for c in children)
+        assert sorted(c.data.params["latent"] for c in children) == ["16", "4", "8"]   # the whole grid, once
+        assert all("value" in c.data.metrics for c in children if c.data.tags["state"] == "COMPLETE")
         stage = mlflow.get_run(tr.run_id)
-        assert stage.data.tags["tuned.gmm.k"] == "3" and "tune_gmm_bic" in stage.data.metrics
+        assert stage.data.tags["tuned.ae1.latent"] in ("4", "8", "16") and "tune_ae1_latent" in stage.data.metrics
         arts = {a.path for a in mlflow.MlflowClient().list_artifacts(tr.run_id, "tune")}
-        assert {"tune/tuned.json", "tune/history_gmm.png"} <= arts
+        assert {"tune/tuned.json", "tune/history_ae1.png"} <= arts

@@ -1,0 +1,1 @@
+"""Per-scan analysis above both methods: dispatch by method, predict, pictures, scores."""

@@ -1,0 +1,1 @@
+"""Data: synthetic scans with ground truth, validation, splits."""

@@ -69,7 +69,7 @@ class SynthConfig:
     Ranges are inclusive ``(low, high)`` tuples sampled uniformly per scan.
     """
 
-    size: int = 256
+    size: int = 512
     pixel_nm: float = 0.1
     n_steps: tuple[int, int] = (0, 3)
     defects_per_100nm2: tuple[float, float] = (1.2, 3.0)

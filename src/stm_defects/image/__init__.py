@@ -1,0 +1,1 @@
+"""Image operations on (H, W) float arrays: preprocessing, windows, robust statistics."""

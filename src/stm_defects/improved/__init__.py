@@ -1,0 +1,1 @@
+"""The default method: steps and terraces, lattice-residual detection, stable classes."""

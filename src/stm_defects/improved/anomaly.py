@@ -53,7 +53,7 @@ class AnomalyConfig:
     min_distance: int = 5                # px between score maxima
     merge_distance: float = 16.0         # peaks closer than this are one defect
     centre_radius: int = 6               # px, window of the score-weighted centre
-    row_median: bool = True              # remove what is left of scan-line offsets from the residual
+    row_median: bool = False             # remove what is left of scan-line offsets from the residual
     border: int = 8                      # px ignored at the image border
     profile_dist: int = 14               # px, step-profile correction beside the step lines
     profile_tile: int = 32               # px, length of the step pieces of that correction

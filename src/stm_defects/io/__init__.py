@@ -1,0 +1,1 @@
+"""Reading and writing: scan files of every format, JSON/PNG/CSV, model folders."""

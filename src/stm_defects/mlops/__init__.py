@@ -1,0 +1,1 @@
+"""Pipeline operations: the stage table and runner, stages, MLflow tracking, Optuna."""

@@ -64,11 +64,11 @@ class TrainConfig:
         flip, drawn independently for each patch of each batch).
     """
 
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 256
     lr: float = 1e-3
     val_fraction: float = 0.1
-    early_stopping_patience: int = 5
+    early_stopping_patience: int = 4
     lr_patience: int = 2
     lr_factor: float = 0.5
     min_lr: float = 1e-5

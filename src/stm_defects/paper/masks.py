@@ -59,7 +59,7 @@ class MaskConfig:
     disables its step.
     """
 
-    threshold: str | float | None = "p95"
+    threshold: str | float | None = "p97"
     target_clusters: tuple[int, ...] = ()
     max_aspect_ratio: float | None = 4.0
     erosion_radius: int | None = 1
