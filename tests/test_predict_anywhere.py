@@ -18,6 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stm_defects.cli import app
+from tiny import tiny_raw
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
@@ -31,18 +32,7 @@ runner = CliRunner()
 def tiny_params(path: Path, **changes) -> Path:
     """The repo's params.yaml shrunk to seconds of CPU (as tests/test_pipeline_e2e.py's), plus a
     tiny latent-size study; `changes` maps section -> {key: value} updates."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["profile"] = "default"
-    raw["data"].update(n_scans=6, n_hard=2)
-    raw["synth"]["size"] = raw["synth_hard"]["size"] = SIZE
-    raw["validate"]["min_passed"] = 3
-    raw["ae1_train"]["epochs"] = raw["ae2_train"]["epochs"] = 1
-    raw["ae1_train"]["device"] = raw["ae2_train"]["device"] = "cpu"
-    raw["kmeans"].update(k_range=[2, 4], k=3, sweep_sample=500)
-    raw["gmm"].update(k_range=[2, 3], covariance_types=["diag", "full"], max_samples=500)
-    raw["defect_patches"]["max_patches"] = 2000
-    raw["mask"]["threshold"] = "p90"
-    raw["tune"].update(ae1_latents=[8, 16], ae1_epochs=1, ae1_max_patches=200)
+    raw = tiny_raw(SIZE)
     for section, values in changes.items():
         target = raw[section]
         for key, value in values.items():
