@@ -298,7 +298,6 @@ def importances(study, seed: int = 0) -> dict[str, float]:
     """fANOVA importances of the distinct completed trials ({} when not computable)."""
     import optuna
 
-    copy = study
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(done) < 2:
         return {}
@@ -306,7 +305,7 @@ def importances(study, seed: int = 0) -> dict[str, float]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             imp = optuna.importance.get_param_importances(
-                copy, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))
     except (ValueError, RuntimeError) as err:
         log.info("%s: importances not computable (%s)", study.study_name, err)
         return {}
@@ -327,13 +326,13 @@ def save_study_plots(study, out_dir: str | Path, tag: str, seed: int = 0,
     import optuna
     import optuna.visualization.matplotlib as ovm
 
-    out, copy, written = Path(out_dir), study, []
+    out, written = Path(out_dir), []
     jobs = [("history", lambda: ovm.plot_optimization_history(study))]
     if importance is None:
         importance = importances(study, seed)
     if importance:
         jobs.append(("importance", lambda: ovm.plot_param_importances(
-            copy, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed))))
     if intermediate and any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
         jobs.append(("intermediate", lambda: ovm.plot_intermediate_values(study)))
     for kind, draw in jobs:
