@@ -198,10 +198,10 @@ def _command_names() -> list[str]:
     return sorted(typer.main.get_command(app).commands)
 
 
-COMMANDS = {"info", "train", "classes", "predict", "promote", "models", "ui", "name-class", "results"}
+COMMANDS = {"info", "train", "classes", "predict", "promote", "models", "ui", "name-class", "results", "evaluate"}
 # Pipeline stages run through `python -m stm_defects.mlops.run STAGE`, not the CLI.
 STAGE_COMMANDS = {"synth", "validate", "prepare", "tune", "train-ae", "kmeans", "defects", "gmm",
-                  "fit-improved", "evaluate"}
+                  "fit-improved"}
 
 
 def test_help_lists_every_command():

@@ -441,7 +441,7 @@ def test_find_scans_on_folder_tree(tmp_path: Path) -> None:
 
 def test_scan_extensions_are_lower_case() -> None:
     assert all(e == e.lower() and e.startswith(".") for e in SCAN_EXTENSIONS)
-    assert {".z_mtrx", ".sxm", ".sm4", ".gwy", ".dat", ".npy", ".tif", ".tiff", ".png"} == set(
+    assert {".z_mtrx", ".sxm", ".sm4", ".gwy", ".dat", ".npy", ".tif", ".tiff", ".png", ".jpg", ".jpeg"} == set(
         SCAN_EXTENSIONS
     )
 
@@ -528,3 +528,31 @@ def test_gwy_picks_height_channel_and_direction(tmp_path: Path, image: np.ndarra
     backward = read_scan(path, "backward")
     assert (backward.channel, backward.direction) == ("Z (Backward)", "backward")
     np.testing.assert_allclose(backward.height, image * 2, rtol=1e-6, atol=1e-7)
+
+
+def test_jpeg_is_read_as_luminance(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arr = (rng.random((40, 50)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(np.stack([arr] * 3, -1)).save(tmp_path / "b.JPEG", quality=95)
+    a, b = read_scan(tmp_path / "a.jpg"), read_scan(tmp_path / "b.JPEG")
+    assert a.format == b.format == "jpeg" and a.height.shape == (40, 50)
+    assert np.abs(a.height - arr).mean() < 8  # lossy, but the same picture
+    assert np.abs(a.height - b.height).mean() < 8
+    assert find_scans(tmp_path) == [tmp_path / "a.jpg", tmp_path / "b.JPEG"]
+
+
+def test_user_calibration(tmp_path: Path) -> None:
+    arr = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
+    np.save(tmp_path / "a.npy", arr)
+    assert read_scan(tmp_path / "a.npy").pixel_nm is None
+    assert read_scan(tmp_path / "a.npy").meta["pixel_nm_source"] is None
+    s = read_scan(tmp_path / "a.npy", scan_nm=10.0)
+    assert s.pixel_nm == pytest.approx(0.2) and s.meta["pixel_nm_source"] == "scan_nm"
+    s = read_scan(tmp_path / "a.npy", pixel_nm=0.05)
+    assert s.pixel_nm == 0.05 and s.meta["pixel_nm_source"] == "pixel_nm"
+    for bad in ({"pixel_nm": -1.0}, {"scan_nm": float("nan")}, {"pixel_nm": 0.1, "scan_nm": 5.0}):
+        with pytest.raises(ScanError, match="a.npy"):
+            read_scan(tmp_path / "a.npy", **bad)

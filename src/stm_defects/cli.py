@@ -149,26 +149,57 @@ def model_bundle(models: Path | None, model_stage: str, override: Path | None = 
     return bundle, PredictConfig.from_dict(stored, f"config of {where}"), {"source": where}
 
 
+PixelNmOpt = Annotated[float | None, typer.Option(
+    "--pixel-nm", help="Pixel size in nm, for files that carry none (PNG, JPEG, TIFF, npy, .dat); "
+                       "overrides the file's own.")]
+ScanNmOpt = Annotated[float | None, typer.Option(
+    "--scan-nm", help="Scan width in nm (the pixel size is this over the image width in pixels).")]
+
+
+def check_calibration(pixel_nm: float | None, scan_nm: float | None) -> dict:
+    """The read_scan keywords of a user calibration; a bad one is a user error."""
+    from stm_defects.errors import StageError
+    from stm_defects.io.scans import calibration_error
+
+    why = calibration_error(pixel_nm, scan_nm)
+    if why:
+        raise StageError(f"--pixel-nm/--scan-nm: {why}")
+    return {"pixel_nm": pixel_nm, "scan_nm": scan_nm}
+
+
+def warn_uncalibrated(names: list[str]) -> None:
+    """One warning line for the scans analysed in pixel units."""
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        typer.echo(f"warning: {len(names)} scan(s) carry no pixel size ({shown}): sizes and densities "
+                   "are in pixels; give --pixel-nm or --scan-nm", err=True)
+
+
 # ------------------------------------------------------------------------------------------ info
 @app.command()
 @user_errors
 def info(
     paths: Annotated[list[Path], typer.Argument(help="Scan files or folders (searched recursively).")],
     direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
+    pixel_nm: PixelNmOpt = None,
+    scan_nm: ScanNmOpt = None,
 ):
     """One line per scan: format, shape, pixel size, channel, direction, height range."""
     from stm_defects.io.scans import ScanError, read_scan
 
     failed = []
+    calibration = check_calibration(pixel_nm, scan_nm)
     files = scan_files(paths)
     for f in files:
         try:
-            s = read_scan(f, direction=direction)
+            s = read_scan(f, direction=direction, **calibration)
         except ScanError as err:
             failed.append(str(err))
             continue
         h = s.height
-        px = f"{s.pixel_nm:.4g} nm/px" if s.pixel_nm else "pixel size unknown"
+        source = s.meta.get("pixel_nm_source")
+        px = (f"{s.pixel_nm:.4g} nm/px" + ("" if source == "file" else f" (from --{source.replace('_', '-')})")
+              if s.pixel_nm else "pixel size unknown")
         crop = f" cropped from {s.original_shape[0]}x{s.original_shape[1]}" if (
             s.original_shape and tuple(s.original_shape) != h.shape) else ""
         typer.echo(f"{f}: {s.format} {h.shape[0]}x{h.shape[1]}{crop} {px} channel={s.channel} "
@@ -234,14 +265,15 @@ def classes(
     per_class: Annotated[int, typer.Option(help="Examples per class.")] = 8,
 ):
     """Per-class gallery of example defects, to decide what each class is (then `stm name-class`)."""
-    from stm_defects.analysis.dispatch import load_image
+    from stm_defects.analysis.dispatch import image_pixel_nm, load_image
     from stm_defects.analysis.gallery import gallery
     from stm_defects.io.files import save_png
 
     bundle, cfg, _ = model_bundle(models, model_stage)
     files = scan_files(paths)
-    images = [load_image(f, cfg.preprocess)[1] for f in files]
-    save_png(out, gallery(images, bundle, cfg, per_class, patch=cfg.paper.patch))
+    loaded = [load_image(f, cfg.preprocess) for f in files]
+    save_png(out, gallery([img for _, img, _ in loaded], bundle, cfg, per_class, patch=cfg.paper.patch,
+                          pixel_nms=[image_pixel_nm(scan, scale) for scan, _, scale in loaded]))
     typer.echo(f"gallery of {len(files)} scan(s) -> {out}")
 
 
@@ -261,6 +293,8 @@ def predict(
         "--params", "-p", help="Override the models' own prediction config with this params.yaml "
                                "(recorded in every JSON).")] = None,
     profile: ProfileOpt = None,
+    pixel_nm: PixelNmOpt = None,
+    scan_nm: ScanNmOpt = None,
 ):
     """Find and classify defects: per scan a JSON, an overlay, a class map and a character map.
 
@@ -270,6 +304,7 @@ def predict(
     from stm_defects.analysis.predict import predict_scan, write_summary
     from stm_defects.io.scans import ScanError
 
+    calibration = check_calibration(pixel_nm, scan_nm)
     files = scan_files(paths)
     bundle, cfg, provenance = model_bundle(models, model_stage, params, profile)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,15 +312,59 @@ def predict(
     with _progress(len(files), "predict") as bar:
         for f in files:
             try:
-                rows.append(predict_scan(f, bundle, cfg, out, direction=direction, provenance=provenance))
+                rows.append(predict_scan(f, bundle, cfg, out, direction=direction, provenance=provenance,
+                                         **calibration))
             except ScanError as err:
                 failed.append(str(err))
             bar.update(1)
+    warn_uncalibrated([Path(r["scan"]).name for r in rows if not r.get("pixel_nm")])
     if rows:
         write_summary(rows, out / "summary.csv")
         typer.echo(f"{len(rows)} scan(s), {sum(r['n_defects'] for r in rows)} defects -> {out} "
                    f"(summary {out / 'summary.csv'}; config from {provenance['source']})")
     report_failures(failed, len(files))
+
+
+# ------------------------------------------------------------------------------- evaluate
+@app.command()
+@user_errors
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="Folder of `stm predict` outputs (one JSON per scan).")],
+    truth: Annotated[Path, typer.Option(help="Folder of box-truth JSONs, one per image (see README).")],
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for evaluation.json and evaluation.md (default: PREDICTIONS).")] = None,
+    slack_px: Annotated[float, typer.Option(help="A detection matches a box within max(w, h)/2 + this.")] = 2.0,
+):
+    """Score predictions against human-drawn boxes: P/R/F1 per field size with 95% intervals,
+    ARI/NMI of the classes against the annotators'. The boxes are for measuring only."""
+    from stm_defects.analysis.boxes import load_truth_dir, markdown_table, pair_by_image, score_boxes
+    from stm_defects.errors import StageError
+    from stm_defects.io.files import read_json, write_json
+
+    if not predictions.is_dir():
+        raise StageError(f"{predictions}: not a folder of predictions")
+    try:
+        truths = load_truth_dir(truth)
+    except (OSError, ValueError) as err:
+        raise StageError(f"{truth}: {err}") from None
+    preds = []
+    for f in sorted(predictions.glob("*.json")):
+        d = read_json(f)
+        if isinstance(d, dict) and "defects" in d and "image" in d:
+            preds.append(d)
+    pairs = pair_by_image(preds, truths)
+    if not pairs:
+        raise StageError(f"no prediction in {predictions} is of an image in {truth}")
+    result = score_boxes(pairs, slack_px=slack_px)
+    out = out or predictions
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "evaluation.json", result)
+    table = markdown_table(result)
+    (out / "evaluation.md").write_text(table + "\n")
+    typer.echo(table)
+    missing = len(truths) - len(pairs)
+    typer.echo(f"{len(pairs)} scan(s) scored -> {out / 'evaluation.md'}"
+               + (f"; {missing} image(s) of the truth have no prediction" if missing else ""))
 
 
 # -------------------------------------------------------------------------- registry / UI

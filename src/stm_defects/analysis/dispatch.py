@@ -47,15 +47,22 @@ class PredictConfig:
         return self.paper.patch if self.method == "paper" else self.improved.classify.patch
 
 
-def analyse(img01: np.ndarray, models: Models, cfg: PredictConfig) -> Analysis:
-    """One preprocessed image -> maps, mask and classified regions, by `cfg.method`."""
+def analyse(img01: np.ndarray, models: Models, cfg: PredictConfig,
+            pixel_nm: float | None = None) -> Analysis:
+    """One preprocessed image (of ``pixel_nm`` nm per pixel, where known) -> maps, mask and
+    classified regions, by `cfg.method`."""
     if cfg.method == "improved":
-        return improved_analyse(img01, models.improved, cfg.improved)
+        return improved_analyse(img01, models.improved, cfg.improved, pixel_nm)
     return paper.analyse(img01, models, cfg.paper)
 
 
+def image_pixel_nm(scan: Scan, scale: float) -> float | None:
+    """The pixel size of a preprocessed image (`preprocess` resampled it by ``scale``)."""
+    return None if scan.pixel_nm is None else scan.pixel_nm / scale
+
+
 def load_image(path, cfg: PreprocessConfig) -> tuple[Scan, np.ndarray, float]:
-    """Read and preprocess one scan: (scan, img01 float32, scale)."""
+    """Read and preprocess one scan: (scan, img01 float32, scale); see `image_pixel_nm`."""
     scan = read_scan(path)
     img, scale = preprocess(scan.height, scan.pixel_nm, cfg)
     return scan, img, scale

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stm_defects.analysis.dispatch import PredictConfig, analyse, load_image
+from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm, load_image
 from stm_defects.analysis.predict import analyse_scan
 from stm_defects.analysis.scores import aggregate, evaluate_scan, match_points
 from stm_defects.io.files import read_json
@@ -48,15 +48,16 @@ def evaluate_split(raw_dir: Path, names: list[str], models: Models, cfg: Predict
     return aggregate(per_scan), per_scan
 
 
-def rotation_pairs(img01: np.ndarray, models: Models, cfg: PredictConfig, radius: float) -> tuple[int, int]:
+def rotation_pairs(img01: np.ndarray, models: Models, cfg: PredictConfig, radius: float,
+                   pixel_nm: float | None = None) -> tuple[int, int]:
     """(defects keeping their class, matched defects) between an image and its np.rot90 copy.
 
     Defects are matched by position, one-to-one within `radius`; the preprocessed image is
     rotated so that scan-line artefacts, which a real rotated scan would not rotate, stay out
     of the comparison.
     """
-    a = analyse(img01, models, cfg).regions
-    b = analyse(np.ascontiguousarray(np.rot90(img01)), models, cfg).regions
+    a = analyse(img01, models, cfg, pixel_nm).regions
+    b = analyse(np.ascontiguousarray(np.rot90(img01)), models, cfg, pixel_nm).regions
     w = img01.shape[1]
     # np.rot90: new[i, j] = old[j, W-1-i], so old (x, y) lands at new (y, W-1-x)
     m = match_points([(r["y"], w - 1 - r["x"]) for r in a], [(r["x"], r["y"]) for r in b], radius)
@@ -68,7 +69,7 @@ def rotation_agreement(raw_dir: Path, names: list[str], models: Models, cfg: Pre
     """Share of defects that keep their class when the preprocessed scan is turned by 90 deg."""
     same = pairs = 0
     for name in names:
-        _, img, _ = load_image(Path(raw_dir) / name, cfg.preprocess)
-        s, n = rotation_pairs(img, models, cfg, radius)
+        scan, img, scale = load_image(Path(raw_dir) / name, cfg.preprocess)
+        s, n = rotation_pairs(img, models, cfg, radius, image_pixel_nm(scan, scale))
         same, pairs = same + s, pairs + n
     return {"rotation_agreement": same / pairs if pairs else float("nan"), "rotation_pairs": pairs}

@@ -11,11 +11,12 @@ from stm_defects.results import Models
 
 
 def gallery(images: list[np.ndarray], models: Models, cfg: PredictConfig, per_class: int = 8,
-            patch: int = 32) -> np.ndarray:
-    """Per-class montage (RGB uint8) of `patch`-px defect patches found on preprocessed `images`."""
+            patch: int = 32, pixel_nms: list[float | None] | None = None) -> np.ndarray:
+    """Per-class montage (RGB uint8) of `patch`-px defect patches found on preprocessed `images`
+    (of `pixel_nms` nm per pixel, where known)."""
     examples: dict[int, list] = {}
-    for img in images:
-        regions = analyse(img, models, cfg).regions
+    for i, img in enumerate(images):
+        regions = analyse(img, models, cfg, pixel_nms[i] if pixel_nms else None).regions
         if not regions:
             continue
         centres = np.array([[int(round(r["y"])), int(round(r["x"]))] for r in regions])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stm_defects.analysis.dispatch import PredictConfig, analyse
+from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm
 from stm_defects.analysis.render import character_picture, class_picture, overlay
 from stm_defects.image.preprocess import preprocess
 from stm_defects.io.files import save_png, write_json
@@ -46,7 +46,7 @@ def analyse_scan(scan: Scan, models: Models, cfg: PredictConfig
     """(img01, scale, analysis, defects in original coordinates) of one scan."""
     require_min_size(scan, cfg.min_scan_px)
     img, scale = preprocess(scan.height, scan.pixel_nm, cfg.preprocess)
-    result = analyse(img, models, cfg)
+    result = analyse(img, models, cfg, image_pixel_nm(scan, scale))
     names = models.class_names
     defects = []
     for r in result.regions:
@@ -60,15 +60,20 @@ def analyse_scan(scan: Scan, models: Models, cfg: PredictConfig
 
 
 def predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_dir: str | Path,
-                 direction: str | None = None, provenance: dict | None = None) -> dict:
-    """Write `<stem>.json`, `_overlay.png`, `_classes.png`, `_character.png`; return a summary row."""
+                 direction: str | None = None, provenance: dict | None = None,
+                 pixel_nm: float | None = None, scan_nm: float | None = None) -> dict:
+    """Write `<stem>.json`, `_overlay.png`, `_classes.png`, `_character.png`; return a summary row.
+
+    ``pixel_nm`` / ``scan_nm`` calibrate a file that carries no pixel size (`io.scans.read_scan`).
+    """
     path, out = Path(path), Path(out_dir)
-    scan = read_scan(path, direction=direction)
+    scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm)
     img, scale, result, defects = analyse_scan(scan, models, cfg)
     stem = path.stem if path.suffix.lower() != ".z_mtrx" else f"{path.stem}_{scan.direction.replace('/', '-')}"
     write_json(out / f"{stem}.json", {
         "image": str(path), "shape": list(scan.original_shape or scan.height.shape),
-        "pixel_size_nm": scan.pixel_nm, "channel": scan.channel, "direction": scan.direction,
+        "pixel_size_nm": scan.pixel_nm, "pixel_size_source": scan.meta.get("pixel_nm_source"),
+        "channel": scan.channel, "direction": scan.direction,
         "crop_origin": list(scan.origin), "models": models.versions,
         "software": {"stm-defects": software_version()},
         "config": {**(provenance or {}), "values": cfg.to_dict()},
@@ -82,7 +87,7 @@ def predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_dir: 
                      for d in defects)
     area_nm2 = (scan.height.size * scan.pixel_nm ** 2) if scan.pixel_nm else None
     return {"scan": str(path), "stem": stem, "n_defects": len(defects), "counts": dict(counts),
-            "area_nm2": area_nm2}
+            "area_nm2": area_nm2, "pixel_nm": scan.pixel_nm}
 
 
 def write_summary(rows: list[dict], path: str | Path) -> None:

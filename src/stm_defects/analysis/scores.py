@@ -78,10 +78,10 @@ def detection_scores(pred_xy, true_xy, radius: float = 6.0) -> dict:
     """
     p, t = _points(pred_xy), _points(true_xy)
     tp = len(match_points(p, t, radius))
-    return _detection_from_counts(tp, len(p) - tp, len(t) - tp)
+    return detection_from_counts(tp, len(p) - tp, len(t) - tp)
 
 
-def _detection_from_counts(tp: int, fp: int, fn: int) -> dict:
+def detection_from_counts(tp: int, fp: int, fn: int) -> dict:
     n_pred, n_true = tp + fp, tp + fn
     both_empty = n_pred == 0 and n_true == 0
     precision = _ratio(tp, n_pred, both_empty)
@@ -242,7 +242,7 @@ def aggregate(per_scan: list[dict]) -> dict:
     tp = sum(int(s.get("tp", 0)) for s in per_scan)
     fp = sum(int(s.get("fp", 0)) for s in per_scan)
     fn = sum(int(s.get("fn", 0)) for s in per_scan)
-    out = {"n_scans": len(per_scan), **_detection_from_counts(tp, fp, fn)}
+    out = {"n_scans": len(per_scan), **detection_from_counts(tp, fp, fn)}
 
     tl: list = []
     pl: list = []

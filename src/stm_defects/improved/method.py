@@ -1,10 +1,14 @@
 """The improved per-scan analysis: lattice-aware anomaly detection that keeps step edges out,
 orientation-free defect features and stable classes with an "unknown" class.
 
-    state = fit_improved(train_images, ImprovedConfig(), seed)     # once, on training scans
-    result = improved_analyse(img01, state, ImprovedConfig())      # per scan -> Analysis
+    state = fit_improved(train_images, ImprovedConfig(), seed, pixel_nms)   # once, on training scans
+    result = improved_analyse(img01, state, ImprovedConfig(), pixel_nm)      # per scan -> Analysis
 
-``img01`` is the preprocessed image (`image.preprocess.preprocess`), as for `paper.method.analyse`.
+``img01`` is the preprocessed image (`image.preprocess.preprocess`), as for `paper.method.analyse`,
+and ``pixel_nm`` its pixel size where known. Scans finer than ``working_pixel_nm`` are analysed at
+that pixel size (anti-aliased downsampling), so the detector's lengths (`AnomalyConfig`, in
+working pixels) mean the same nanometres on a 5 nm and a 100 nm scan; results come back on the
+``img01`` grid. Scans of unknown pixel size are analysed as they are.
 The state is a plain dict (numpy arrays, numbers, one sklearn GaussianMixture), so it can be
 saved with joblib and logged as an artifact.  Pure functions: no I/O, no printing; randomness
 only from ``seed``.
@@ -20,7 +24,7 @@ from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect
 from stm_defects.improved.classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes
 from stm_defects.results import Analysis
 
-__all__ = ["ImprovedConfig", "defect_patches", "fit_improved", "improved_analyse"]
+__all__ = ["ImprovedConfig", "defect_patches", "fit_improved", "improved_analyse", "working_scale"]
 
 STATE_VERSION = 1
 
@@ -30,6 +34,32 @@ class ImprovedConfig:
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     min_train_defects: int = 20     # fewer detections on the training scans -> no classes
+    working_pixel_nm: float | None = 0.1   # finer scans are analysed at this pixel size; None: never
+    min_working_px: int = 128       # ... but never on fewer pixels than this along the short side
+
+
+def working_scale(shape: tuple[int, int], pixel_nm: float | None, cfg: ImprovedConfig) -> float:
+    """The factor (<= 1) from the ``img01`` grid to the grid the detector works on."""
+    if pixel_nm is None or cfg.working_pixel_nm is None or not pixel_nm > 0:
+        return 1.0
+    k = min(1.0, float(pixel_nm) / float(cfg.working_pixel_nm))
+    return max(k, min(1.0, cfg.min_working_px / min(shape)))
+
+
+def _to_working(img01: np.ndarray, k: float) -> np.ndarray:
+    if k >= 1.0:
+        return img01
+    from skimage.transform import rescale
+
+    return rescale(img01.astype(np.float64), k, order=1, mode="reflect", anti_aliasing=True,
+                   preserve_range=True).astype(np.float32)
+
+
+def _map_back(a: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    from skimage.transform import resize
+
+    return resize(a, shape, order=order, mode="edge", anti_aliasing=False,
+                  preserve_range=True).astype(a.dtype)
 
 
 def _centres(res: AnomalyResult) -> np.ndarray:
@@ -46,12 +76,14 @@ def defect_patches(res: AnomalyResult, cfg: ImprovedConfig) -> tuple[np.ndarray,
     return canonical_patches(res.residual, res.lattice, _centres(res), cfg.classify, _unit(res))
 
 
-def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int = 0) -> dict:
+def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int = 0,
+                 pixel_nms=None) -> dict:
     """Detect defects on the (preprocessed) training images and fit the classes."""
     patches = []
     n_det = []
-    for img in train_images:
-        res = detect(img, cfg.anomaly)
+    pixel_nms = list(pixel_nms) if pixel_nms is not None else [None] * len(train_images)
+    for img, px in zip(train_images, pixel_nms):
+        res = detect(_to_working(img, working_scale(img.shape, px, cfg)), cfg.anomaly)
         p, _ = defect_patches(res, cfg)
         patches.append(p)
         n_det.append(len(p))
@@ -64,8 +96,8 @@ def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int
     return state
 
 
-def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig = ImprovedConfig()
-                     ) -> Analysis:
+def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig = ImprovedConfig(),
+                     pixel_nm: float | None = None) -> Analysis:
     """One scan -> `Analysis`: char_map = terrace labels (step band: -1), error_map = the
     anomaly score (robust z), mask, regions (id, x, y, bbox, area_px, score, class,
     probability, row_angle_deg) and class_map.
@@ -74,7 +106,8 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
     state.  class_map holds each region's class on its pixels and -1 elsewhere (so unknown
     defects are -1 there too; their regions still are in ``mask``).
     """
-    res = detect(img01, cfg.anomaly)
+    k = working_scale(img01.shape, pixel_nm, cfg)
+    res = detect(_to_working(img01, k), cfg.anomaly)
     classes = state.get("classes") if state else None
     regions = []
     if res.regions:
@@ -95,7 +128,22 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
         cls = np.array([-1] + [r["class"] for r in regions], np.int64)
         class_map = cls[owner]
     char_map = np.where(res.terraces.band, -1, res.terraces.labels).astype(np.int64)
-    return Analysis(char_map, res.score.astype(np.float32), res.mask, regions, class_map)
+    score, mask = res.score.astype(np.float32), res.mask
+    if k < 1.0:   # back to the img01 grid
+        shape = img01.shape
+        char_map, class_map = _map_back(char_map, shape, 0), _map_back(class_map, shape, 0)
+        score, mask = _map_back(score, shape, 1), _map_back(mask, shape, 0)
+        regions = [_region_back(r, k, shape) for r in regions]
+    return Analysis(char_map, score, mask, regions, class_map)
+
+
+def _region_back(r: dict, k: float, shape: tuple[int, int]) -> dict:
+    x0, y0, x1, y1 = r["bbox"]
+    h, w = shape
+    return dict(r, x=(r["x"] + 0.5) / k - 0.5, y=(r["y"] + 0.5) / k - 0.5,
+                bbox=[int(np.floor(x0 / k)), int(np.floor(y0 / k)),
+                      min(w, int(np.ceil(x1 / k))), min(h, int(np.ceil(y1 / k)))],
+                area_px=int(round(r["area_px"] / k ** 2)))
 
 
 def _region_owner(res: AnomalyResult) -> np.ndarray:

@@ -24,6 +24,7 @@ relate the cropped image to the original pixel grid.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -45,6 +46,7 @@ __all__ = [
     "SCAN_EXTENSIONS",
     "Scan",
     "ScanError",
+    "calibration_error",
     "find_scans",
     "read_scan",
     "require_min_size",
@@ -61,6 +63,8 @@ SCAN_EXTENSIONS: tuple[str, ...] = (
     ".tif",
     ".tiff",
     ".png",
+    ".jpg",
+    ".jpeg",
 )
 
 # Heights with one of these length units are converted to nanometres.
@@ -151,8 +155,14 @@ class _Raw:
 # ---------------------------------------------------------------------------
 
 
-def read_scan(path: str | os.PathLike, direction: str | None = None) -> Scan:
+def read_scan(path: str | os.PathLike, direction: str | None = None, *,
+              pixel_nm: float | None = None, scan_nm: float | None = None) -> Scan:
     """Read the topography image of one file.
+
+    ``pixel_nm`` (nm per pixel) or ``scan_nm`` (the scan's width in nm) calibrate files that
+    carry no pixel size (PNG, JPEG, TIFF, npy, SPIEPy .dat) and override the file's own where it
+    has one; ``scan.meta["pixel_nm_source"]`` says which was used ("file", "pixel_nm",
+    "scan_nm" or None for pixel units).
 
     ``direction`` picks the trace where a file holds several: "forward/up"
     (default), "backward/up", "forward/down" or "backward/down" for Matrix;
@@ -207,7 +217,38 @@ def read_scan(path: str | os.PathLike, direction: str | None = None) -> Scan:
         raise ScanError(spath, f"corrupt or truncated {label} file ({_describe(exc)})") from exc
     except Exception as exc:  # the reader libraries raise all sorts on bad files
         raise ScanError(spath, f"corrupt or truncated {label} file ({_describe(exc)})") from exc
-    return _finalise(raw, spath)
+    return _calibrate(_finalise(raw, spath), pixel_nm, scan_nm)
+
+
+def calibration_error(pixel_nm: float | None = None, scan_nm: float | None = None) -> str | None:
+    """Why a user-given calibration is unusable, or None when it is fine."""
+    if pixel_nm is not None and scan_nm is not None:
+        return "give either a pixel size or a scan width, not both"
+    for name, v in (("pixel size", pixel_nm), ("scan width", scan_nm)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            return f"the {name} must be a positive number of nm, not {v}"
+    return None
+
+
+def _calibrate(scan: Scan, pixel_nm: float | None, scan_nm: float | None) -> Scan:
+    why = calibration_error(pixel_nm, scan_nm)
+    if why:
+        raise ScanError(scan.path, why)
+    meta = dict(scan.meta)
+    if pixel_nm is not None:
+        size, source = float(pixel_nm), "pixel_nm"
+    elif scan_nm is not None:
+        width = (scan.original_shape or scan.height.shape)[1]
+        size, source = float(scan_nm) / width, "scan_nm"
+    elif scan.pixel_nm is not None:
+        if not (math.isfinite(scan.pixel_nm) and scan.pixel_nm > 0):
+            raise ScanError(scan.path, f"the file's pixel size is {scan.pixel_nm} nm; "
+                                       "give the right one with --pixel-nm or --scan-nm")
+        size, source = scan.pixel_nm, "file"
+    else:
+        size, source = None, None
+    meta["pixel_nm_source"] = source
+    return dataclasses.replace(scan, pixel_nm=size, meta=meta)
 
 
 def find_scans(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -838,7 +879,8 @@ def _read_tiff(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
 def _read_png(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     from PIL import Image
 
-    _single_image_only(p, hdir, "PNG")
+    kind = "jpeg" if p.suffix.lower() in (".jpg", ".jpeg") else "png"
+    _single_image_only(p, hdir, kind.upper())
     with Image.open(p) as img:
         img.load()
         mode = img.mode
@@ -853,7 +895,7 @@ def _read_png(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
             data = _luminance(np.array(img.convert("RGB")))
             meta["converted"] = f"{mode} to luminance"
     return _Raw(
-        data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format="png", meta=meta
+        data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format=kind, meta=meta
     )
 
 
@@ -867,6 +909,8 @@ _READERS: dict[str, tuple[Callable[[Path, str | None, str | None], _Raw], str]] 
     ".tif": (_read_tiff, "TIFF"),
     ".tiff": (_read_tiff, "TIFF"),
     ".png": (_read_png, "PNG"),
+    ".jpg": (_read_png, "JPEG"),
+    ".jpeg": (_read_png, "JPEG"),
 }
 
 

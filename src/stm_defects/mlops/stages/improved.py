@@ -19,7 +19,7 @@ def fit_improved(params, deps, outs, tracker, progress) -> dict:
 
     import joblib
 
-    from stm_defects.analysis.dispatch import load_image
+    from stm_defects.analysis.dispatch import image_pixel_nm, load_image
     from stm_defects.analysis.gallery import gallery
     from stm_defects.config import predict_config
     from stm_defects.improved.method import fit_improved as fit
@@ -28,17 +28,19 @@ def fit_improved(params, deps, outs, tracker, progress) -> dict:
     raw_dir, out = Path(deps["raw"]), fresh_dir(outs["model"])
     cfg = predict_config(params)
     names = read_json(deps["manifest"])["splits"]["train"]
-    images = []
+    images, pixel_nms = [], []
     with progress(len(names), "fit improved") as step:
         for name in names:
-            images.append(load_image(raw_dir / name, cfg.preprocess)[1])
+            scan, img, scale = load_image(raw_dir / name, cfg.preprocess)
+            images.append(img)
+            pixel_nms.append(image_pixel_nm(scan, scale))
             step(1)
-    state = fit(images, cfg.improved, params.seed)
+    state = fit(images, cfg.improved, params.seed, pixel_nms)
     joblib.dump(state, out / "state.joblib")
     write_json(out / "config.json", cfg.to_dict())
     # The gallery shows this method's classes whatever detector.method says.
     shown = dataclasses.replace(cfg, method="improved")
-    save_png(out / "gallery.png", gallery(images[:8], Models(improved=state), shown))
+    save_png(out / "gallery.png", gallery(images[:8], Models(improved=state), shown, pixel_nms=pixel_nms[:8]))
     classes = state.get("classes") or {}
     metrics = {"n_train_images": state["n_train_images"], "n_train_defects": state["n_train_defects"],
                "n_classes": classes.get("n_classes"), "k": classes.get("k")}
