@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from stm_defects.analysis.scores import class_scores, detection_from_counts
+from stm_defects.analysis.scores import assign_feasible, class_scores, detection_from_counts
 
 __all__ = [
     "DEFAULT_SIZE_BINS_NM",
@@ -181,16 +180,10 @@ def match_boxes(pred_xy: Any, boxes: Any, slack_px: float = 2.0) -> list[tuple[i
         return []
     radius = np.maximum(b[:, 2], b[:, 3]) / 2.0 + float(slack_px)  # (M,)
     d = cdist(p, b[:, :2])  # (N, M)
-    feasible = d <= radius[None, :]
-    if not feasible.any():
-        return []
     safe = np.where(radius > 0, radius, 1.0)[None, :]
     norm = np.where(radius[None, :] > 0, d / safe, 0.0)  # <= 1 for feasible pairs
     big = float(min(len(p), len(b)) + 1)  # > any total of feasible normalised distances
-    cost = np.where(feasible, norm, big)
-    rows, cols = linear_sum_assignment(cost)
-    ok = feasible[rows, cols]
-    return sorted((int(r), int(c)) for r, c in zip(rows[ok], cols[ok]))
+    return assign_feasible(norm, d <= radius[None, :], big)
 
 
 def _pred_xy_classes(pred: Mapping, name: str) -> tuple[np.ndarray, list]:

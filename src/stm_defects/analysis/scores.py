@@ -19,6 +19,7 @@ from sklearn.metrics.cluster import contingency_matrix
 
 __all__ = [
     "aggregate",
+    "assign_feasible",
     "class_scores",
     "detection_scores",
     "evaluate_scan",
@@ -59,12 +60,17 @@ def match_points(pred_xy, true_xy, radius: float = 6.0) -> list[tuple[int, int]]
     if len(p) == 0 or len(t) == 0:
         return []
     d = cdist(p, t)
-    feasible = d <= radius
+    big = float(radius) * (min(len(p), len(t)) + 1) + 1.0  # > any feasible total
+    return assign_feasible(d, d <= radius, big)
+
+
+def assign_feasible(cost: np.ndarray, feasible: np.ndarray, big: float) -> list[tuple[int, int]]:
+    """One-to-one pairs (row, col) among the ``feasible`` entries of ``cost``: the most pairs,
+    then the least total cost. ``big`` must exceed any total of feasible costs; it stands in
+    for the infeasible entries. Sorted by row."""
     if not feasible.any():
         return []
-    big = float(radius) * (min(len(p), len(t)) + 1) + 1.0  # > any feasible total
-    cost = np.where(feasible, d, big)
-    rows, cols = linear_sum_assignment(cost)
+    rows, cols = linear_sum_assignment(np.where(feasible, cost, big))
     ok = feasible[rows, cols]
     return sorted((int(r), int(c)) for r, c in zip(rows[ok], cols[ok]))
 

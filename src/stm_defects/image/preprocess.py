@@ -140,15 +140,20 @@ def resample(img, pixel_nm: float | None, target_pixel_nm: float | None) -> tupl
     scale = float(pixel_nm) / float(target_pixel_nm)
     if scale == 1.0:
         return a.astype(np.float32, copy=False), 1.0
+    return rescale_by(a, scale), scale
+
+
+def rescale_by(img, scale: float) -> np.ndarray:
+    """The image resampled by ``scale`` (bilinear; anti-aliased when shrinking), as float32."""
     out = rescale(
-        a.astype(np.float64),
+        np.asarray(img).astype(np.float64),
         scale,
         order=1,
         mode="reflect",
         anti_aliasing=scale < 1.0,
         preserve_range=True,
     )
-    return out.astype(np.float32), scale
+    return out.astype(np.float32)
 
 
 def preprocess(

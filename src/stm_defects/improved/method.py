@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stm_defects.image.preprocess import rescale_by
 from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect
 from stm_defects.improved.classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes
 from stm_defects.results import Analysis
@@ -47,12 +48,7 @@ def working_scale(shape: tuple[int, int], pixel_nm: float | None, cfg: ImprovedC
 
 
 def _to_working(img01: np.ndarray, k: float) -> np.ndarray:
-    if k >= 1.0:
-        return img01
-    from skimage.transform import rescale
-
-    return rescale(img01.astype(np.float64), k, order=1, mode="reflect", anti_aliasing=True,
-                   preserve_range=True).astype(np.float32)
+    return img01 if k >= 1.0 else rescale_by(img01, k)
 
 
 def _map_back(a: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
