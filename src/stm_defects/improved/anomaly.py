@@ -3,6 +3,8 @@
 1. scars removed, steps found and terraces levelled (`steps`);
 2. a local background of each terrace (normalised convolution that never crosses a step)
    is subtracted;
+   (steps are looked for in the image without its lattice, from a first notch as in 3, so the
+   lattice's own gradients never pass for steps whatever its symmetry and pixel size);
 3. the periodic lattice is removed by notching the peaks of the power spectrum (peaks that
    stand ``notch_k`` (log units) above a median-smoothed spectrum, beyond ``min_freq``);
 4. the residual is smoothed at a few blob scales; each scale is divided by its robust noise
@@ -136,7 +138,9 @@ def _merge(peaks: np.ndarray, vals: np.ndarray, dist: float) -> np.ndarray:
 
 def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyResult:
     z = remove_scars(img01, cfg.steps.scar_k, cfg.steps.scar_min_length)
-    terr = detect_steps(z, cfg.steps)
+    # steps are found on the image without its lattice, whatever the lattice and pixel size
+    _, lat0 = lattice_notch(z - float(np.mean(z)), cfg)
+    terr = detect_steps(z - lat0, cfg.steps)
     lev = level_terraces(z, terr)
     valid = ~terr.band
     b = cfg.border
