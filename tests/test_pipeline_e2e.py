@@ -124,7 +124,9 @@ def test_stage_outputs(pipeline):
     assert not set(splits["train"]) & set(splits["test"])          # split by scan
     patches = np.load(root / "data/prepared/train_patches.npz")["patches"]
     assert patches.shape[1:] == (1, 32, 32) and len(patches) == manifest["n_patches"]
-    for model in ("ae1/model.pt", "kmeans/kmeans.joblib", "ae2/model.pt", "gmm/gmm.joblib", "calibration.json"):
+    for model in ("ae1/model.pt", "kmeans/kmeans.npz", "ae2/model.pt", "gmm/gmm.npz", "calibration.json",
+                  "ae1/manifest.json", "kmeans/manifest.json", "ae2/manifest.json", "gmm/manifest.json",
+                  "improved/state.npz", "improved/manifest.json"):
         assert (root / "models" / model).is_file(), model
     calibration = json.loads((root / "models/calibration.json").read_text())
     assert "error_threshold" in calibration and "target_clusters" in calibration
@@ -291,8 +293,8 @@ def test_train_on_a_folder_then_predict_with_local_models(pipeline, monkeypatch)
         shutil.copyfile(f, own / f.name)
     result = ok("train", own, "--out", "runs/own", "--no-track")
     assert "models in runs/own/models" in result.stdout
-    for model in ("ae1/model.pt", "kmeans/kmeans.joblib", "ae2/model.pt", "gmm/gmm.joblib", "calibration.json",
-                  "improved/state.joblib", "improved/config.json"):
+    for model in ("ae1/model.pt", "kmeans/kmeans.npz", "ae2/model.pt", "gmm/gmm.npz", "calibration.json",
+                  "improved/state.npz", "improved/config.json", "improved/manifest.json"):
         assert (Path("runs/own/models") / model).is_file(), model
     ok("predict", own / "default_001.gwy", "--models", "runs/own/models", "--out", "out/own")
     doc = json.loads(Path("out/own/default_001.json").read_text())

@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stm_defects.cli import app
+from tiny import tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,7 @@ def store(tmp_path_factory):
     from sklearn.cluster import KMeans
 
     from stm_defects.config import resolve
+    from stm_defects.io import safe_models
     from stm_defects.mlops.tracking import Tracker, promote
 
     root = tmp_path_factory.mktemp("mlflow")
@@ -47,8 +49,9 @@ def store(tmp_path_factory):
         params = resolve(yaml.safe_load((REPO / "params.yaml").read_text()))
         model = KMeans(n_clusters=2, n_init=1, random_state=0).fit(
             np.random.default_rng(0).normal(size=(20, 3)))
+        path = safe_models.save(root / "kmeans" / "kmeans.npz", model, "kmeans")
         with Tracker(params, "kmeans") as tr:
-            version = tr.register("kmeans", model, "0" * 64, {"ae1_version": "1"})
+            version = tr.register("kmeans", path, {"ae1_version": "1"})
             parent = tr.parent_id
         assert version == 1
         promote({"kmeans": version}, "Production")
@@ -58,12 +61,16 @@ def store(tmp_path_factory):
 def test_register_tags_lineage_and_promotion(store, monkeypatch):
     import mlflow
 
+    from stm_defects.io.safe_models import file_sha256
     from stm_defects.mlops.tracking import list_models
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     mv = mlflow.MlflowClient(store["uri"]).get_model_version("stm-kmeans", "1")
-    for tag in ("git_commit", "params_hash", "sha256", "pipeline_run_id", "run_id", "profile", "ae1_version"):
+    for tag in ("git_commit", "params_hash", "sha256", "file", "pipeline_run_id", "run_id", "profile",
+                "ae1_version"):
         assert tag in mv.tags, tag
+    assert mv.tags["sha256"] == file_sha256(store["root"] / "kmeans" / "kmeans.npz")
+    assert mv.tags["file"] == "kmeans.npz" and mv.source.endswith("/registry/kmeans")
     assert mv.tags["pipeline_run_id"] == store["parent"]
     assert mv.tags["stage"] == "Production"
     rows = list_models()
@@ -120,7 +127,7 @@ def test_tracker_logs_stage_params_used_values_and_parent_metrics(store, monkeyp
         off.stage_params(["kmeans"])
         off.params_used({"a": 1})
         off.parent_metrics({"f1": 1.0})
-        assert off.register("kmeans", None, "0" * 64) is None
+        assert off.register("kmeans", "kmeans.npz") is None
     assert off.run_id is None
 
 
@@ -128,35 +135,30 @@ def test_tracker_logs_stage_params_used_values_and_parent_metrics(store, monkeyp
 def full_store(tmp_path_factory):
     """A store with one version of each of the five models in Production; stm-improved v1 has
     no prediction config (as registered by an older version), v2 has one."""
-    from sklearn.cluster import KMeans
-    from sklearn.mixture import GaussianMixture
-
     from stm_defects.config import predict_config, resolve
+    from stm_defects.io import safe_models
     from stm_defects.mlops.tracking import Tracker, promote
-    from stm_defects.models import AEConfig, build_autoencoder
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlflow.db"
-    x = np.random.default_rng(0).normal(size=(30, 2))
-    tiny = AEConfig(widths=(4,), kernels=(3,), encoder_norm=(True,), latent=2, patch=4)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("STM_PIPELINE_RUN", "registry-test")
         mp.chdir(root)
         params = resolve(yaml.safe_load((REPO / "params.yaml").read_text()))
         config = predict_config(params).to_dict()
+        files = tiny_models(root / "models")
+        files["improved"] = safe_models.save(root / "v1" / "state.npz", {"state": 1}, "improved")
+        v2 = safe_models.save(root / "v2" / "state.npz", {"state": 2}, "improved")
         with Tracker(params, "all") as tr:
             versions = {
-                "ae1": tr.register("ae1", build_autoencoder(tiny, seed=0), "1" * 64),
-                "kmeans": tr.register("kmeans", KMeans(2, n_init=1, random_state=0).fit(x), "2" * 64),
-                "ae2": tr.register("ae2", build_autoencoder(tiny, seed=1), "3" * 64),
-                "gmm": tr.register("gmm", GaussianMixture(2, random_state=0).fit(x), "4" * 64,
-                                   {"calibration": json.dumps({"error_threshold": 0.1})}),
-                "improved": tr.register("improved", {"state": 1}, "5" * 64,
-                                        {"class_names": json.dumps({"0": "dimer"})}),
+                "ae1": tr.register("ae1", files["ae1"]),
+                "kmeans": tr.register("kmeans", files["kmeans"]),
+                "ae2": tr.register("ae2", files["ae2"]),
+                "gmm": tr.register("gmm", files["gmm"], {"calibration": json.dumps({"error_threshold": 0.1})}),
+                "improved": tr.register("improved", files["improved"], {"class_names": json.dumps({"0": "dimer"})}),
             }
-            with_config = tr.register("improved", {"state": 2}, "6" * 64,
-                                      {"config": config, "class_names": json.dumps({"0": "dimer"})})
+            with_config = tr.register("improved", v2, {"config": config, "class_names": json.dumps({"0": "dimer"})})
         promote(versions, "Production", force=True)
         yield {"uri": uri, "root": root, "versions": versions, "with_config": with_config, "config": config}
 

@@ -25,3 +25,52 @@ def tiny_raw(size: int) -> dict:
     raw["mask"]["threshold"] = "p90"       # a low threshold: defect patches are sure to exist
     raw["tune"].update(ae1_latents=[8, 16], ae1_epochs=1, ae1_max_patches=200)
     return raw
+
+
+def tiny_improved_state(seed: int = 0) -> dict:
+    """An improved-analysis state shaped as `improved.method.fit_improved` returns it (a plain
+    dict with one GaussianMixture inside `classes`), fitted in milliseconds on random features."""
+    import numpy as np
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(40, 2))
+    return {"version": 1, "n_train_images": 2, "n_train_defects": 40,
+            "classes": {"pca_mean": rng.normal(size=9), "pca_components": rng.normal(size=(2, 9)),
+                        "pca_scale": np.ones(2), "gmm": GaussianMixture(2, random_state=seed).fit(z),
+                        "component_class": np.array([0, 1], np.int64), "n_classes": 2,
+                        "loglik_threshold": float("-inf"), "k": 2,
+                        "selection": [{"k": 2, "bic": 12.5, "stability": 1.0}]}}
+
+
+def tiny_models(folder: Path, seed: int = 0, config: dict | None = None) -> dict[str, Path]:
+    """A complete model folder as `stm train` writes it (`ae1/ kmeans/ ae2/ gmm/ improved/`, each
+    with its manifest, and `calibration.json`), with tiny models; returns key -> model file."""
+    import json
+
+    import numpy as np
+
+    from stm_defects.io import safe_models
+    from stm_defects.models import AEConfig, build_autoencoder, save_checkpoint
+    from stm_defects.models.cluster import GMMSelector, make_kmeans
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    tiny = AEConfig(widths=(4,), kernels=(3,), encoder_norm=(True,), latent=2, patch=4)
+    files = {}
+    for i, key in enumerate(("ae1", "ae2")):
+        (folder / key).mkdir(parents=True, exist_ok=True)
+        files[key] = folder / key / "model.pt"
+        save_checkpoint(files[key], build_autoencoder(tiny, seed=seed + i), extra={"which": key})
+    fitted = {"kmeans": make_kmeans(3, seed=seed).fit(rng.normal(size=(60, 2)).astype(np.float32)),
+              "gmm": GMMSelector(k_values=(2,), covariance_types=("diag",), random_state=seed).fit(
+                  rng.normal(size=(40, 2))),
+              "improved": tiny_improved_state(seed)}
+    for key, model in fitted.items():
+        files[key] = safe_models.save(folder / key / safe_models.MODEL_FILES[key], model, key)
+    (folder / "improved" / "config.json").write_text(json.dumps(config or {"method": "improved"}))
+    (folder / "calibration.json").write_text(json.dumps({"error_threshold": 0.1}))
+    for key, path in files.items():
+        names = [path.name] + (["config.json"] if key == "improved" else [])
+        safe_models.write_manifest(path.parent, *names)
+    return files

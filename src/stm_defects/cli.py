@@ -129,11 +129,7 @@ def model_bundle(models: Path | None, model_stage: str, override: Path | None = 
             raise StageError(f"{models}: not a models folder (no ae1/model.pt); train one with `stm train`")
         bundle = load_models(models)
         where = f"models folder {models.resolve()}"
-        stored = bundle.config
-        if stored is None and (models / "improved" / "config.json").is_file():
-            from stm_defects.io.files import read_json
-
-            stored = read_json(models / "improved" / "config.json")
+        stored = bundle.config   # verified against the folder's manifest by load_models
     else:
         from stm_defects.mlops.tracking import load_registered
 

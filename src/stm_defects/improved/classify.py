@@ -16,7 +16,7 @@ predicting all samples).  The chosen k has the lowest BIC among the stable ones 
 log-likelihood is below the ``unknown_quantile`` of the training defects is "unknown" (-1).
 
 All randomness comes from the ``seed`` argument; the fitted state is a plain dict of numpy
-arrays and numbers (picklable, joblib-able).
+arrays and numbers (and one GaussianMixture), which `io.safe_models` stores without pickle.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ that pixel size (anti-aliased downsampling), so the detector's lengths (`Anomaly
 working pixels) mean the same nanometres on a 5 nm and a 100 nm scan; results come back on the
 ``img01`` grid. Scans of unknown pixel size are analysed as they are.
 The state is a plain dict (numpy arrays, numbers, one sklearn GaussianMixture), so it can be
-saved with joblib and logged as an artifact.  Pure functions: no I/O, no printing; randomness
-only from ``seed``.
+stored by `io.safe_models` (no pickle) and logged as an artifact.  Pure functions: no I/O, no
+printing; randomness only from ``seed``.
 """
 
 from __future__ import annotations

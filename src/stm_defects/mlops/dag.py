@@ -71,7 +71,7 @@ STAGES: tuple[Stage, ...] = (
           outs={"model": "models/ae2"}, params=("seed", "ae2", "ae2_train")),
     Stage("gmm", f"{S}.paper:gmm",
           deps={"ae2": "models/ae2/model.pt", "patches": "data/defects/patches.npz",
-                "ae1": "models/ae1/model.pt", "kmeans": "models/kmeans/kmeans.joblib",
+                "ae1": "models/ae1/model.pt", "kmeans": "models/kmeans/kmeans.npz",
                 "calibration": "models/calibration.json"},
           outs={"model": "models/gmm"}, params=("seed", "gmm")),
     Stage("fit_improved", f"{S}.improved:fit_improved",

@@ -5,13 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from stm_defects.io.safe_models import file_sha256
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["data_version", "file_sha256", "lineage_tags"]
 
 
 def data_version(path: str | Path) -> str:

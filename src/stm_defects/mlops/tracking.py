@@ -8,8 +8,15 @@ Grouping: every stage run is a nested child of one parent run per pipeline execu
 is found by the `pipeline_key` tag: `STM_PIPELINE_RUN` when set (`make run` sets one per
 execution), else a hash of the git commit and the resolved params.
 
+Model files: a version is its model's one file (`io.safe_models.MODEL_FILES`: the torch checkpoint
+`model.pt`, or a safe `.npz` for the scikit-learn parts) logged as run artifacts under
+`registry/<key>/`; the version's `source` is that folder. No pickle-based MLflow flavour is used:
+loading downloads only the expected file, checks its sha256 against the version's `sha256` tag, and
+reads it with `torch.load(weights_only=True)` or `np.load(allow_pickle=False)`. A version without a
+`file` tag (registered with the pickle flavours by an older version) is refused, not loaded.
+
 Lineage: every model version is tagged with `git_commit`, `params_hash`, `data_version`,
-`sha256` (of the checkpoint / pickled estimator) and, for models built on AE1, `ae1_version`.
+`sha256` and `file` (the hash and name of its model file) and, for models built on AE1, `ae1_version`.
 `stm-improved` versions also carry `config`: the prediction config (JSON) of their pipeline run,
 which `stm predict` uses instead of the working folder's params.yaml.
 Stages are MLflow aliases (`production`, `staging`) plus a `stage` tag (also `Archived`), since
@@ -31,7 +38,6 @@ log = logging.getLogger(__name__)
 MODEL_NAMES = {"ae1": "stm-ae1", "kmeans": "stm-kmeans", "ae2": "stm-ae2", "gmm": "stm-gmm",
                "improved": "stm-improved"}
 STAGES = {"production": "Production", "staging": "Staging", "archived": "Archived"}
-PIP_REQUIREMENTS = ["torch==2.13.0", "scikit-learn", "numpy", "stm-defects"]
 
 
 class TrackingError(RuntimeError):
@@ -172,31 +178,42 @@ class Tracker:
         if self.enabled:
             self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def register(self, key: str, model, sha256: str, extra_tags: dict | None = None) -> int | None:
-        """Log `model` as an MLflow model and register a new version of `MODEL_NAMES[key]`."""
+    def register(self, key: str, path: str | Path, extra_tags: dict | None = None) -> int | None:
+        """Register the model file `path` as a new version of `MODEL_NAMES[key]`.
+
+        `path` is the model's one file, named as `safe_models.MODEL_FILES[key]` says (`model.pt`,
+        `kmeans.npz`, `gmm.npz`, `state.npz`). It is logged as an artifact of this stage's run under
+        `registry/<key>/`, and the version is created from that folder with all its tags at once,
+        `sha256` (of exactly this file) and `file` included. Returns the version number.
+        """
         if not (self.enabled and self.params.tracking.register):
             return None
+        from mlflow.exceptions import MlflowException
+
+        from stm_defects.io.safe_models import MODEL_FILES, file_sha256
+
+        path = Path(path)
+        if path.name != MODEL_FILES[key]:
+            raise ValueError(f"{key} is registered from its {MODEL_FILES[key]}, not {path.name}")
         mlflow = self.mlflow
         name = MODEL_NAMES[key]
-        if key in ("ae1", "ae2"):
-            import mlflow.pytorch
-
-            info = mlflow.pytorch.log_model(model.eval(), name=key, serialization_format="pickle",
-                                            pip_requirements=PIP_REQUIREMENTS, registered_model_name=name)
-        else:
-            import mlflow.sklearn
-
-            info = mlflow.sklearn.log_model(model, name=key, pip_requirements=PIP_REQUIREMENTS,
-                                            serialization_format="cloudpickle",
-                                            registered_model_name=name)
-        version = int(info.registered_model_version)
-        tags = {"git_commit": git_commit(), "params_hash": self.params.digest(), "sha256": sha256,
-                "pipeline_run_id": self.parent_id, "run_id": self.run_id, "profile": self.params.profile,
-                **(extra_tags or {})}
+        folder = f"registry/{key}"
+        sha256 = file_sha256(path)
+        mlflow.log_artifact(str(path), artifact_path=folder)
         client = mlflow.MlflowClient()
-        for k, v in tags.items():
-            value = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
-            client.set_model_version_tag(name, str(version), k, value)
+        try:
+            client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        tags = {"git_commit": git_commit(), "params_hash": self.params.digest(), "sha256": sha256,
+                "file": path.name, "pipeline_run_id": self.parent_id, "run_id": self.run_id,
+                "profile": self.params.profile, **(extra_tags or {})}
+        tags = {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+                for k, v in tags.items()}
+        mv = client.create_model_version(name, source=mlflow.get_artifact_uri(folder), run_id=self.run_id,
+                                         tags=tags)
+        version = int(mv.version)
         self.tags({f"registered.{key}": f"{name}/{version}"})
         log.info("registered %s version %d", name, version)
         return version
@@ -353,9 +370,51 @@ def list_models(experiment: str = "stm-defects") -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- loading
+def _load_version(key: str, mv, dst: Path):
+    """Model `key` of registry version `mv`: download its one file, check the sha256 tag, load it.
+
+    Only `safe_models.MODEL_FILES[key]` is downloaded (whatever else lies in the artifact folder),
+    and it is read only when its bytes hash to the version's `sha256` tag; checkpoints with
+    `torch.load(weights_only=True)`, the rest with the safe `.npz` reader. Refusals are one line
+    naming the model, the version and the file.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from stm_defects.io import safe_models
+    from stm_defects.io.model_files import AUTOENCODERS, autoencoder_from_file
+
+    file = safe_models.MODEL_FILES[key]
+    where = f"{mv.name} v{mv.version}"
+    if mv.tags.get("file") != file:
+        raise TrackingError(f"{where} was registered in the old pickle-based format (no `file` tag); it is "
+                            "not loaded, since such files can run code: retrain with `make run` and promote "
+                            "the new set")
+    expected = mv.tags.get("sha256", "")
+    if len(expected) != 64:
+        raise TrackingError(f"{where}: no valid sha256 tag, so {file} cannot be verified; refusing to load it")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # no tqdm bars on stderr
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source.rstrip('/')}/{file}",
+                                                         dst_path=str(dst)))
+        data = local.read_bytes()
+    except (MlflowException, OSError):
+        raise TrackingError(f"{where}: {file} is missing from its artifacts ({mv.source})") from None
+    actual = safe_models.sha256_hex(data)
+    if actual != expected:
+        raise TrackingError(f"{where}: {file} has sha256 {actual[:12]}..., not the registered "
+                            f"{expected[:12]}...; refusing to load it (the artifact changed after registration)")
+    if key in AUTOENCODERS:
+        return autoencoder_from_file(local).eval()
+    return safe_models.loads(data, key, f"{where} {file}")
+
+
 def load_registered(stage: str = "Production", experiment: str = "stm-defects"):
     """A `results.Models` from the registry versions that hold `stage`'s alias.
 
+    Each model's file is verified against its version's `sha256` tag before it is read, and read
+    without pickle (see `_load_version`).
     `Models.config` is the prediction config stored with the `stm-improved` version (the last
     model every pipeline registers, with the resolved params of that pipeline run).
     """
@@ -366,26 +425,26 @@ def load_registered(stage: str = "Production", experiment: str = "stm-defects"):
         raise TrackingError(f"can only predict with Production or Staging models, not {stage!r}")
     connect(experiment)
     import mlflow
-    import mlflow.pytorch
-    import mlflow.sklearn
 
     client = mlflow.MlflowClient()
-    loaded, versions, tags = {}, {}, {}
+    mvs = {}
     for key, name in MODEL_NAMES.items():
         try:
-            mv = client.get_model_version_by_alias(name, alias)
+            mvs[key] = client.get_model_version_by_alias(name, alias)
         except Exception:  # noqa: BLE001
             raise TrackingError(f"no {name} version is in {STAGES[alias]} yet: run `stm promote --run latest "
                                 f"--model-stage {STAGES[alias]}` after `make run`") from None
-        uri = f"models:/{name}@{alias}"
-        flavour = mlflow.pytorch if key in ("ae1", "ae2") else mlflow.sklearn
-        loaded[key] = flavour.load_model(uri)
-        versions[key] = {"name": name, "version": int(mv.version), "stage": STAGES[alias]}
-        tags[key] = mv.tags
-    calibration = json.loads(tags["gmm"].get("calibration", "{}"))
+    versions = {key: {"name": mv.name, "version": int(mv.version), "stage": STAGES[alias]}
+                for key, mv in mvs.items()}
+    tags = {key: mv.tags for key, mv in mvs.items()}
     if "config" not in tags["improved"]:
         raise TrackingError(f"{MODEL_NAMES['improved']} v{versions['improved']['version']} carries no "
                             "prediction config (registered by an older version): retrain with `make run`")
+    loaded = {}
+    with tempfile.TemporaryDirectory(prefix="stm-registry-") as tmp:
+        for key, mv in mvs.items():
+            loaded[key] = _load_version(key, mv, Path(tmp) / key)
+    calibration = json.loads(tags["gmm"].get("calibration", "{}"))
     config = json.loads(tags["improved"]["config"])
     classifier = "improved" if config.get("method", "improved") == "improved" else "gmm"
     class_names = {"-1": "unknown", **json.loads(tags[classifier].get("class_names", "{}"))}

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from stm_defects.errors import StageError
+from stm_defects.io import safe_models
 from stm_defects.io.files import fresh_dir, write_csv, write_json
-from stm_defects.mlops.lineage import file_sha256, lineage_tags
+from stm_defects.mlops.lineage import lineage_tags
 
 log = logging.getLogger("stm_defects")
 
@@ -61,7 +62,8 @@ def fit(params, which: str, patches_path: Path, out_dir: Path, tracker, upstream
     tracker.history(h, prefix=f"{which}_")
     tracker.metrics(metrics, prefix=f"{which}_")
     tracker.artifacts(out / "loss.png", out / "reconstructions.png", out / "history.csv")
-    tracker.register(which, model, file_sha256(out / "model.pt"),
+    safe_models.write_manifest(out, "model.pt")                # last: the folder is complete
+    tracker.register(which, out / "model.pt",
                      lineage_tags(tracker, upstream or {}, data=patches_path))
     return metrics
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stm_defects.io import safe_models
 from stm_defects.io.files import fresh_dir, read_json, save_png, write_json
-from stm_defects.mlops.lineage import data_version, file_sha256
+from stm_defects.mlops.lineage import data_version
 
 
 def fit_improved(params, deps, outs, tracker, progress) -> dict:
-    """Fit the improved analysis (defect classes) on the training scans -> `<model>/state.joblib`."""
+    """Fit the improved analysis (defect classes) on the training scans -> `<model>/state.npz`."""
     import dataclasses
-
-    import joblib
 
     from stm_defects.analysis.dispatch import image_pixel_nm, load_image
     from stm_defects.analysis.gallery import gallery
@@ -36,7 +35,7 @@ def fit_improved(params, deps, outs, tracker, progress) -> dict:
             pixel_nms.append(image_pixel_nm(scan, scale))
             step(1)
     state = fit(images, cfg.improved, params.seed, pixel_nms)
-    joblib.dump(state, out / "state.joblib")
+    safe_models.save(out / "state.npz", state, "improved")
     write_json(out / "config.json", cfg.to_dict())
     # The gallery shows this method's classes whatever detector.method says.
     shown = dataclasses.replace(cfg, method="improved")
@@ -47,6 +46,7 @@ def fit_improved(params, deps, outs, tracker, progress) -> dict:
     write_json(out / "metrics.json", metrics)
     tracker.metrics(metrics, prefix="improved_")
     tracker.artifacts(out / "gallery.png", out / "config.json")
-    tracker.register("improved", state, file_sha256(out / "state.joblib"),
+    safe_models.write_manifest(out, "state.npz", "config.json")     # last: the folder is complete
+    tracker.register("improved", out / "state.npz",
                      {"data_version": data_version(raw_dir), "config": cfg.to_dict()})
     return metrics

@@ -12,15 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from stm_defects.errors import StageError
+from stm_defects.io import safe_models
 from stm_defects.io.files import fresh_dir, read_json, write_csv, write_json
-from stm_defects.io.model_files import load_autoencoder
-from stm_defects.mlops.lineage import file_sha256, lineage_tags
+from stm_defects.io.model_files import load_autoencoder, load_model
+from stm_defects.mlops.lineage import lineage_tags
 
 
 def kmeans(params, deps, outs, tracker, progress) -> dict:
-    """K-means on AE1 latents of the training patches: sweep k, fit the chosen k."""
-    import joblib
-
+    """K-means on AE1 latents of the training patches: sweep k, fit the chosen k -> `kmeans.npz`."""
     from stm_defects.mlops import plots
     from stm_defects.models.cluster import choose_k, kmeans_sweep, make_kmeans
     from stm_defects.models.training import encode
@@ -33,7 +32,7 @@ def kmeans(params, deps, outs, tracker, progress) -> dict:
     k = choose_k(sweep, method=kp.k_select, fixed=kp.k)
     model = make_kmeans(k, seed=params.seed, minibatch_threshold=kp.minibatch_threshold).fit(latents)
     labels = model.predict(latents)
-    joblib.dump(model, out / "kmeans.joblib")
+    safe_models.save(out / "kmeans.npz", model, "kmeans")
     write_json(out / "sweep.json", sweep)
     plots.kmeans_sweep(sweep, k, out / "elbow.png")
     chosen = next(r for r in sweep if r["k"] == k)
@@ -47,7 +46,8 @@ def kmeans(params, deps, outs, tracker, progress) -> dict:
         tracker.metrics({key: v for key, v in row.items() if key != "k"}, prefix="sweep_", step=row["k"])
     tracker.metrics(metrics, prefix="kmeans_")
     tracker.artifacts(out / "elbow.png", out / "tsne.png", out / "sweep.json")
-    tracker.register("kmeans", model, file_sha256(out / "kmeans.joblib"),
+    safe_models.write_manifest(out, "kmeans.npz")              # last: the folder is complete
+    tracker.register("kmeans", out / "kmeans.npz",
                      lineage_tags(tracker, {"ae1": deps["ae1"]}, data=deps["patches"]))
     return metrics
 
@@ -62,8 +62,6 @@ def _paper_config(params):
 def defects(params, deps, outs, tracker, progress) -> dict:
     """Calibrate the mask on the training scans (-> `calibration`) and collect AE2's training
     patches (-> `defects/patches.npz`)."""
-    import joblib
-
     from stm_defects.analysis.dispatch import load_image
     from stm_defects.analysis.render import character_picture
     from stm_defects.mlops import plots
@@ -73,7 +71,7 @@ def defects(params, deps, outs, tracker, progress) -> dict:
 
     raw_dir, out = Path(deps["raw"]), fresh_dir(outs["defects"])
     cfg = _paper_config(params)
-    models = Models(ae1=load_autoencoder(deps["ae1"]), kmeans=joblib.load(Path(deps["kmeans"]) / "kmeans.joblib"))
+    models = Models(ae1=load_autoencoder(deps["ae1"]), kmeans=load_model(deps["kmeans"], "kmeans"))
     fractions = read_json(Path(deps["kmeans"]) / "metrics.json")["cluster_fractions"]
     train = read_json(deps["manifest"])["splits"]["train"]
     images, maps = [], []
@@ -115,9 +113,7 @@ def defects(params, deps, outs, tracker, progress) -> dict:
 
 
 def gmm(params, deps, outs, tracker, progress) -> dict:
-    """Gaussian mixtures over covariance type x k on AE2 latents, the lowest BIC kept."""
-    import joblib
-
+    """Gaussian mixtures over covariance type x k on AE2 latents, the lowest BIC kept -> `gmm.npz`."""
     from stm_defects.mlops import plots
     from stm_defects.models.cluster import GMMSelector
     from stm_defects.models.training import encode
@@ -131,7 +127,7 @@ def gmm(params, deps, outs, tracker, progress) -> dict:
     model = GMMSelector(k_values=tuple(range(gp.k_range[0], gp.k_range[1] + 1)),
                         covariance_types=gp.covariance_types, random_state=params.seed,
                         n_init=gp.n_init).fit(latents)
-    joblib.dump(model, out / "gmm.joblib")
+    safe_models.save(out / "gmm.npz", model, "gmm")
     write_json(out / "grid.json", model.grid_)
     write_csv(out / "grid.csv", model.grid_)
     plots.gmm_grid(model.grid_, out / "bic.png")
@@ -149,5 +145,6 @@ def gmm(params, deps, outs, tracker, progress) -> dict:
     tags = lineage_tags(tracker, {"ae2": deps["ae2"], "ae1": deps["ae1"], "kmeans": deps["kmeans"]},
                         data=deps["patches"])
     tags["calibration"] = json.dumps(read_json(deps["calibration"]))
-    tracker.register("gmm", model, file_sha256(out / "gmm.joblib"), tags)
+    safe_models.write_manifest(out, "gmm.npz")                 # last: the folder is complete
+    tracker.register("gmm", out / "gmm.npz", tags)
     return metrics
