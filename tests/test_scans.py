@@ -387,8 +387,7 @@ def test_image_smaller_than_patch(tmp_path: Path) -> None:
 def test_aborted_scan_is_cropped(tmp_path: Path, image: np.ndarray) -> None:
     data = image.astype(np.float64)  # 40 x 48
     data[0:2, :] = np.nan  # unfinished lines before the image (scan started from the other end)
-    data[30:35, :] = np.nan  # aborted: NaN lines ...
-    data[35:, :] = 0.0  # ... and zero-filled lines at the bottom
+    data[30:, :] = np.nan  # aborted: NaN lines at the bottom
     data[:, -3:] = np.nan  # unfinished columns on the right
     data[10, 5] = np.nan  # one interior dropout, filled in
     path = tmp_path / "aborted.npy"
@@ -400,6 +399,20 @@ def test_aborted_scan_is_cropped(tmp_path: Path, image: np.ndarray) -> None:
     np.testing.assert_array_equal(scan.height[0, :], data[2, :45].astype(np.float32))
     assert np.isfinite(scan.height).all()
     assert scan.meta["nan_filled_fraction"] == pytest.approx(1 / (28 * 45))
+
+
+def test_rows_and_columns_of_real_zeros_are_kept(tmp_path: Path, image: np.ndarray) -> None:
+    data = image.astype(np.float64)  # 40 x 48
+    data[:3, :] = 0.0  # a dark band at the top, a dark column at the right: data, not unscanned lines
+    data[:, -1] = 0.0
+    data[-2:, :] = np.nan  # only these were never scanned
+    path = tmp_path / "zeros.npy"
+    np.save(path, data)
+    scan = read_scan(path)
+    assert scan.height.shape == (38, 48)
+    assert scan.origin == (0, 0)
+    np.testing.assert_array_equal(scan.height[:3], 0.0)
+    np.testing.assert_array_equal(scan.height[:, -1], 0.0)
 
 
 def test_aborted_nanonis_scan_is_cropped(real_stm_dir: Path, tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stm_defects.image.preprocess import PreprocessConfig, preprocess
+from stm_defects.image.preprocess import PreprocessConfig, ResampleError, preprocess
 from stm_defects.improved.method import ImprovedConfig, improved_analyse
 from stm_defects.io.files import jsonable
-from stm_defects.io.scans import Scan, read_scan
+from stm_defects.io.scans import Scan, ScanError, read_scan
 from stm_defects.paper import method as paper
 from stm_defects.results import Analysis, Models
 from stm_defects.schema import ConfigError, build
@@ -61,8 +61,18 @@ def image_pixel_nm(scan: Scan, scale: float) -> float | None:
     return None if scan.pixel_nm is None else scan.pixel_nm / scale
 
 
+def preprocess_scan(scan: Scan, cfg: PreprocessConfig, min_side: int = 8) -> tuple[np.ndarray, float]:
+    """`preprocess` one scan: (img01 float32, scale). A resampling to ``cfg.target_pixel_nm`` that
+    would leave a side under ``min_side`` pixels (or make an absurdly large image) is refused up
+    front as a `ScanError` naming the file."""
+    try:
+        return preprocess(scan.height, scan.pixel_nm, cfg, min_side=min_side)
+    except ResampleError as exc:
+        raise ScanError(scan.path, str(exc)) from None
+
+
 def load_image(path, cfg: PreprocessConfig) -> tuple[Scan, np.ndarray, float]:
     """Read and preprocess one scan: (scan, img01 float32, scale); see `image_pixel_nm`."""
     scan = read_scan(path)
-    img, scale = preprocess(scan.height, scan.pixel_nm, cfg)
+    img, scale = preprocess_scan(scan, cfg)
     return scan, img, scale

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm
+from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm, preprocess_scan
 from stm_defects.analysis.render import character_picture, class_picture, overlay
-from stm_defects.image.preprocess import preprocess
 from stm_defects.io.files import save_png, write_json
 from stm_defects.io.scans import Scan, read_scan, require_min_size
 from stm_defects.results import Analysis, Models
@@ -43,9 +42,11 @@ def software_version() -> str:
 
 def analyse_scan(scan: Scan, models: Models, cfg: PredictConfig
                  ) -> tuple[np.ndarray, float, Analysis, list[dict]]:
-    """(img01, scale, analysis, defects in original coordinates) of one scan."""
+    """(img01, scale, analysis, defects in original coordinates) of one scan.
+
+    Raises `ScanError` for a scan too small for the method, before or after resampling."""
     require_min_size(scan, cfg.min_scan_px)
-    img, scale = preprocess(scan.height, scan.pixel_nm, cfg.preprocess)
+    img, scale = preprocess_scan(scan, cfg.preprocess, min_side=cfg.min_scan_px)
     result = analyse(img, models, cfg, image_pixel_nm(scan, scale))
     names = models.class_names
     defects = []

@@ -6,6 +6,7 @@ Follows the usual Gwyddion / SPIEPy workflow. All functions are pure: they take 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,16 @@ from skimage.transform import rescale
 from stm_defects.image.robust import robust_location_scale, robust_sigma
 
 _MIN_SIZE = 8
+
+#: The largest image (in pixels) a resampling may produce; a float64 copy of it takes 512 MiB.
+MAX_RESAMPLED_PIXELS = 8192 * 8192
+
+
+class ResampleError(ValueError):
+    """Resampling to the target pixel size would give an unusable image (too small or too big).
+
+    Raised before anything is allocated; the message says what the resampling would give.
+    """
 
 
 @dataclass(frozen=True)
@@ -126,17 +137,54 @@ def normalize(img, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     return ((np.clip(a, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
-def resample(img, pixel_nm: float | None, target_pixel_nm: float | None) -> tuple[np.ndarray, float]:
+def resampled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The (H, W) that `rescale_by` gives an image of ``shape`` for ``scale``."""
+    return tuple(max(1, round(n * scale)) for n in shape[:2])
+
+
+def resample_error(shape: tuple[int, int], pixel_nm: float | None, target_pixel_nm: float | None,
+                   min_side: int = _MIN_SIZE) -> str | None:
+    """Why resampling an image of ``shape`` from ``pixel_nm`` to ``target_pixel_nm`` is refused.
+
+    None when it is fine (or nothing is resampled: a pixel size is None). Refused: a pixel size
+    that is not a finite positive number, a result with a side under ``min_side`` pixels (a
+    scan shrunk to a few pixels has no defects to find), or one of more than
+    `MAX_RESAMPLED_PIXELS` pixels.
+    """
+    if pixel_nm is None or target_pixel_nm is None:
+        return None
+    for name, v in (("the scan's pixel size", pixel_nm), ("preprocess.target_pixel_nm", target_pixel_nm)):
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            return f"{name} must be a positive number of nm, not {v!r}"
+    scale = float(pixel_nm) / float(target_pixel_nm)
+    rows, cols = resampled_shape(shape, scale)
+    what = (f"resampling the {shape[0]}x{shape[1]} px image from {pixel_nm:.4g} to {target_pixel_nm:.4g} "
+            f"nm/px (preprocess.target_pixel_nm) would give {rows}x{cols} px")
+    if min(rows, cols) < min_side:
+        return f"{what}, fewer than {min_side} per side; is the pixel size right?"
+    if rows * cols > MAX_RESAMPLED_PIXELS:
+        return f"{what}, more than {MAX_RESAMPLED_PIXELS} pixels; is the pixel size right?"
+    return None
+
+
+def resample(img, pixel_nm: float | None, target_pixel_nm: float | None,
+             min_side: int = _MIN_SIZE) -> tuple[np.ndarray, float]:
     """Resample to ``target_pixel_nm``; returns (image, scale = pixel_nm / target_pixel_nm).
 
     When either pixel size is None (or they are equal) the input is returned
-    unchanged (as float32) with scale 1.0.
+    unchanged (as float32) with scale 1.0. Raises `ResampleError` (see `resample_error`)
+    before allocating when the result would be unusable.
     """
     a = np.asarray(img)
+    why = resample_error(a.shape, pixel_nm, target_pixel_nm, min_side)
+    if why:
+        raise ResampleError(why)
     if pixel_nm is None or target_pixel_nm is None:
         return a.astype(np.float32, copy=False), 1.0
-    if pixel_nm <= 0 or target_pixel_nm <= 0:
-        raise ValueError("pixel sizes must be positive")
     scale = float(pixel_nm) / float(target_pixel_nm)
     if scale == 1.0:
         return a.astype(np.float32, copy=False), 1.0
@@ -157,18 +205,23 @@ def rescale_by(img, scale: float) -> np.ndarray:
 
 
 def preprocess(
-    img, pixel_nm: float | None, cfg: PreprocessConfig = PreprocessConfig()
+    img, pixel_nm: float | None, cfg: PreprocessConfig = PreprocessConfig(), min_side: int = _MIN_SIZE
 ) -> tuple[np.ndarray, float]:
     """level -> align rows -> remove scars -> resample -> normalise.
 
     Returns (img01 float32 in [0, 1], scale); original coordinates = resampled / scale.
+    Raises `ResampleError` up front when resampling to ``cfg.target_pixel_nm`` would give a
+    side under ``min_side`` pixels or an absurdly large image (`resample_error`).
     """
     a = _check_image(img)
+    why = resample_error(a.shape, pixel_nm, cfg.target_pixel_nm, min_side)
+    if why:
+        raise ResampleError(why)
     out = level_plane(a, cfg.plane_order, cfg.plane_iterations, cfg.plane_clip_sigma)
     if cfg.align_rows:
         out = align_rows(out)
     if cfg.remove_scars:
         out = remove_scars(out, cfg.scar_threshold, cfg.scar_min_length)
-    out, scale = resample(out, pixel_nm, cfg.target_pixel_nm)
+    out, scale = resample(out, pixel_nm, cfg.target_pixel_nm, min_side)
     low, high = cfg.clip_percentiles
     return normalize(out, low, high), scale

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,37 @@ def fresh_dir(path: str | Path) -> Path:
 
 
 def write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as strict JSON, atomically.
+
+    Non-finite floats (NaN, inf; numpy scalars and arrays included) become ``null`` through
+    `jsonable`, and the encoder runs with ``allow_nan=False``, so ``NaN``/``Infinity`` can never
+    reach the file. The text goes to a temporary file in the same folder that then replaces
+    ``path`` (``os.replace``): a reader sees the old file or the whole new one, never a part.
+    """
+    text = json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it onto ``path``.
+
+    The temporary file is created with mode 0o666 less the umask, as ``open`` would create
+    ``path`` itself; it is removed again if anything fails before the rename. A killed process
+    leaves the old file (or none) and at most a hidden ``.NAME.*.tmp``, never a partial
+    ``path``. (No fsync: this guards against concurrent readers and killed processes, not
+    against power loss.)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> None:
@@ -45,7 +74,8 @@ def read_json(path: str | Path):
 
 def jsonable(value: Any, max_array: int | None = None) -> Any:
     """A plain-JSON copy of `value`: numpy scalars unwrapped, NaN/inf -> None, tuples -> lists,
-    paths -> str; arrays become lists (or a short description when larger than `max_array`)."""
+    paths -> str; arrays become lists (or a short description when larger than `max_array`).
+    Anything else (complex numbers, arbitrary objects) becomes its ``str``."""
     if isinstance(value, np.generic):
         value = value.item()
     if value is None or isinstance(value, (bool, int, str)):

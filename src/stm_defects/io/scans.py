@@ -17,9 +17,20 @@ Supported inputs and the package that reads each one:
 * ``.npy`` (numpy), ``.tif``/``.tiff`` (``tifffile``), ``.png`` (Pillow)
 
 Bad input raises :class:`ScanError`, whose message is a single line naming the file.
-Unfinished scan lines (whole rows or columns of NaN or exact zeros at the edges, as
-left by an aborted scan) are cropped away; ``Scan.origin`` and ``Scan.original_shape``
-relate the cropped image to the original pixel grid.
+
+Headers are checked strictly, the same way for every format:
+
+* the data block holds exactly the number of values the header's dimensions give (no
+  fewer, no more: an edited dimension field is refused, never read as re-wrapped data);
+  see each reader for what "the header" is in its format;
+* a pixel size taken from the file is finite, positive and inside :data:`PIXEL_NM_RANGE`
+  (:func:`pixel_size_error` words the reason: "is NaN", "is infinite", "is negative", ...);
+  a user calibration (``pixel_nm`` / ``scan_nm``) replaces a bad one;
+* only lines that were never scanned are cropped: whole rows or columns of NaN at the
+  edges (Nanonis writes NaN for unscanned lines; the RHK reader turns the zero counts of
+  lines past ``RHK_CompletedLineCount`` into NaN; an aborted Matrix scan simply holds fewer
+  values). Rows or columns of real zeros are kept. ``Scan.origin`` and
+  ``Scan.original_shape`` relate the cropped image to the original pixel grid.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -43,11 +55,13 @@ import numpy as np
 from stm_defects.io.files import jsonable
 
 __all__ = [
+    "PIXEL_NM_RANGE",
     "SCAN_EXTENSIONS",
     "Scan",
     "ScanError",
     "calibration_error",
     "find_scans",
+    "pixel_size_error",
     "read_scan",
     "require_min_size",
     "save_gwy",
@@ -66,6 +80,11 @@ SCAN_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
     ".jpeg",
 )
+
+#: The pixel sizes (nm per pixel) a scan may have. Outside this range a header is corrupt or
+#: mis-scaled (0.1 pm/px is far below any STM's resolution; 10 um/px is beyond any STM scanner's
+#: range for a usefully sized image), and analysing it would resample absurdly.
+PIXEL_NM_RANGE: tuple[float, float] = (1e-4, 1e4)
 
 # Heights with one of these length units are converted to nanometres.
 _LENGTH_TO_NM = {
@@ -148,6 +167,8 @@ class _Raw:
     meta: dict
     origin: tuple[int, int] = (0, 0)  # of data[0, 0] in the instrument's full grid
     full_shape: tuple[int, int] | None = None  # the full grid when the reader already cropped
+    pixel_y_nm: float | None = None  # the pixel height, where the header gives it separately
+    pixel_source: str = ""  # the header fields the pixel size comes from, for error messages
 
 
 # ---------------------------------------------------------------------------
@@ -170,7 +191,8 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
     forms ("fwd", "bwd", "up", "down") are accepted. A vertical part is ignored
     by formats that record a single vertical direction.
 
-    Raises :class:`ScanError` for anything wrong with the file.
+    Raises :class:`ScanError` for anything wrong with the file (see the module docstring for
+    the header checks) or with the calibration.
     """
     spath = os.fspath(path)
     p = Path(spath)
@@ -201,6 +223,9 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
         hdir, vdir = _parse_direction(direction)
     except ValueError as exc:
         raise ScanError(spath, str(exc)) from None
+    why = calibration_error(pixel_nm, scan_nm)
+    if why:
+        raise ScanError(spath, why)
 
     reader, label = _READERS[ext]
     try:
@@ -217,33 +242,82 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
         raise ScanError(spath, f"corrupt or truncated {label} file ({_describe(exc)})") from exc
     except Exception as exc:  # the reader libraries raise all sorts on bad files
         raise ScanError(spath, f"corrupt or truncated {label} file ({_describe(exc)})") from exc
+    if pixel_nm is None and scan_nm is None:
+        _check_file_pixels(raw, spath)
     return _calibrate(_finalise(raw, spath), pixel_nm, scan_nm)
 
 
-def calibration_error(pixel_nm: float | None = None, scan_nm: float | None = None) -> str | None:
-    """Why a user-given calibration is unusable, or None when it is fine."""
-    if pixel_nm is not None and scan_nm is not None:
-        return "give either a pixel size or a scan width, not both"
-    for name, v in (("pixel size", pixel_nm), ("scan width", scan_nm)):
-        if v is not None and not (math.isfinite(v) and v > 0):
-            return f"the {name} must be a positive number of nm, not {v}"
+def pixel_size_error(value: Any, what: str = "pixel size") -> str | None:
+    """Why ``value`` (nm per pixel) is not a usable pixel size, or None when it is.
+
+    The reason names the problem: "pixel size is NaN", "... is infinite", "... is negative
+    (-0.5 nm/px)", "... is zero", or "... is 2e-05 nm/px, outside the plausible range
+    0.0001..10000 nm/px" (:data:`PIXEL_NM_RANGE`). ``what`` is the subject of the sentence.
+    """
+    why = _positive_number_error(value, what, "nm/px")
+    if why:
+        return why
+    lo, hi = PIXEL_NM_RANGE
+    if not lo <= float(value) <= hi:
+        return f"{what} is {float(value):.4g} nm/px, outside the plausible range {lo:g}..{hi:g} nm/px"
     return None
 
 
+def calibration_error(pixel_nm: float | None = None, scan_nm: float | None = None) -> str | None:
+    """Why a user-given calibration is unusable, or None when it is fine.
+
+    A pixel size must pass :func:`pixel_size_error`; a scan width must be a finite, positive
+    number of nm (the pixel size it gives is range-checked once the image width is known).
+    """
+    if pixel_nm is not None and scan_nm is not None:
+        return "give either a pixel size or a scan width, not both"
+    if pixel_nm is not None:
+        return pixel_size_error(pixel_nm, "the pixel size")
+    if scan_nm is not None:
+        return _positive_number_error(scan_nm, "the scan width", "nm")
+    return None
+
+
+def _positive_number_error(value: Any, what: str, unit: str) -> str | None:
+    """Why ``value`` is not a finite positive number ("is NaN", "is infinite", ...), or None."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return f"{what} is not a number ({value!r})"
+    if math.isnan(v):
+        return f"{what} is NaN"
+    if math.isinf(v):
+        return f"{what} is infinite"
+    if v < 0:
+        return f"{what} is negative ({v:.4g} {unit})"
+    if v == 0:
+        return f"{what} is zero"
+    return None
+
+
+def _check_file_pixels(raw: _Raw, spath: str) -> None:
+    """Refuse a pixel size (or pixel height) from the file's header that is not usable."""
+    for what, value in (("pixel size", raw.pixel_nm), ("pixel height", raw.pixel_y_nm)):
+        if value is None:
+            continue
+        why = pixel_size_error(value, f"the file's {what}")
+        if why:
+            source = f", from {raw.pixel_source}" if raw.pixel_source else ""
+            raise ScanError(spath, f"{why}{source}; give the right pixel size with --pixel-nm or --scan-nm")
+
+
 def _calibrate(scan: Scan, pixel_nm: float | None, scan_nm: float | None) -> Scan:
-    why = calibration_error(pixel_nm, scan_nm)
-    if why:
-        raise ScanError(scan.path, why)
+    """``scan`` with the pixel size the caller gave, else the file's (checked in read_scan)."""
     meta = dict(scan.meta)
     if pixel_nm is not None:
         size, source = float(pixel_nm), "pixel_nm"
     elif scan_nm is not None:
         width = (scan.original_shape or scan.height.shape)[1]
         size, source = float(scan_nm) / width, "scan_nm"
+        why = pixel_size_error(size, f"the pixel size from a {scan_nm:g} nm scan width over {width} px")
+        if why:
+            raise ScanError(scan.path, why)
     elif scan.pixel_nm is not None:
-        if not (math.isfinite(scan.pixel_nm) and scan.pixel_nm > 0):
-            raise ScanError(scan.path, f"the file's pixel size is {scan.pixel_nm} nm; "
-                                       "give the right one with --pixel-nm or --scan-nm")
         size, source = scan.pixel_nm, "file"
     else:
         size, source = None, None
@@ -365,34 +439,40 @@ def _finalise(raw: _Raw, spath: str) -> Scan:
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ScanError(spath, f"unsupported pixel data type {arr.dtype} (expected numbers)")
 
-    z = arr.astype(np.float64)  # always a copy
-    if raw.to_nm is not None:
-        z *= raw.to_nm
-    finite = np.isfinite(z)
-    if not finite.any():
-        raise ScanError(spath, "no valid height values: every pixel is NaN")
+    with np.errstate(invalid="ignore", over="ignore"):  # odd dtypes of corrupt files; checked below
+        z = arr.astype(np.float64)  # always a copy
+    nan = np.isnan(z)
+    invalid = nan | np.isinf(z)
+    if invalid.all():
+        what = "NaN" if nan.all() else ("infinite" if not nan.any() else "NaN or infinite")
+        raise ScanError(spath, f"no valid height values: every pixel is {what}")
 
-    # Crop unfinished lines: whole rows, then whole columns, of NaN/zero at the edges.
-    bad = ~finite | (z == 0)
-    good_rows = np.flatnonzero(~bad.all(axis=1))
-    if good_rows.size == 0:
-        raise ScanError(spath, "constant image: every valid pixel is 0 (no height variation)")
+    # Crop lines that were never scanned: whole rows, then whole columns, of NaN at the edges.
+    # (Readers turn a format's own "not scanned" fill into NaN; real zeros are data.)
+    good_rows = np.flatnonzero(~nan.all(axis=1))
     r0, r1 = int(good_rows[0]), int(good_rows[-1]) + 1
-    good_cols = np.flatnonzero(~bad[r0:r1].all(axis=0))
+    good_cols = np.flatnonzero(~nan[r0:r1].all(axis=0))
     c0, c1 = int(good_cols[0]), int(good_cols[-1]) + 1
-    z = z[r0:r1, c0:c1]
+    z, invalid = z[r0:r1, c0:c1], invalid[r0:r1, c0:c1]
 
     meta = dict(raw.meta)
-    missing = ~np.isfinite(z)
-    n_missing = int(missing.sum())
-    fraction = n_missing / z.size
+    n_invalid = int(invalid.sum())
+    fraction = n_invalid / z.size
     if fraction > 0.5:
-        raise ScanError(spath, f"{fraction:.0%} of the pixels inside the scanned area are missing (NaN)")
-    if n_missing:
-        z[missing] = np.median(z[~missing])
-    meta["nan_filled_fraction"] = float(fraction)
+        raise ScanError(
+            spath, f"{fraction:.0%} of the pixels inside the scanned area are missing (NaN) or infinite"
+        )
+    if raw.to_nm is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            z *= raw.to_nm
+        if not np.isfinite(z[~invalid]).all():
+            raise ScanError(spath, "height values are too large to convert to nm (corrupt data?)")
+    if n_invalid:
+        z[invalid] = np.median(z[~invalid])
+    meta["nan_filled_fraction"] = float(fraction)  # NaN or infinite pixels filled with the median
 
-    height = z.astype(np.float32)
+    with np.errstate(over="ignore"):
+        height = z.astype(np.float32)
     if not np.isfinite(height).all():
         raise ScanError(spath, "height values are too large for 32-bit floats")
     if float(height.max()) == float(height.min()):
@@ -438,12 +518,14 @@ def _read_matrix(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         )
     want = f"{hdir or 'forward'}/{vdir or 'up'}"
 
+    _check_matrix_blocks(p)
     mtrx = access2thematrix.MtrxData()
     traces, message = mtrx.open(os.fspath(p))
     available = [str(t) for t in dict(traces).values()]
     if not available or mtrx.axis is None:
         reason = str(message).strip().rstrip(".") or "no image data"
         raise ScanError(p, f"cannot read Matrix image ({reason}; corrupt or truncated file?)")
+    _check_matrix_count(p, mtrx)
     if want not in available:
         raise ScanError(
             p, f"direction {want} was not recorded in this file (available: {', '.join(available)})"
@@ -467,7 +549,7 @@ def _read_matrix(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     height_m = float(mtrx.axis[1][1])
     # The XY scanner sizes are in metres whatever the channel's unit.
     pixel_nm = width_m * 1e9 / cols
-    pixel_y_nm = height_m * 1e9 / nominal_lines if nominal_lines else None
+    pixel_y_nm = height_m * 1e9 / nominal_lines if nominal_lines > 0 else math.nan
 
     params = mtrx.param
     meta: dict[str, Any] = {
@@ -512,7 +594,51 @@ def _read_matrix(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         meta=meta,
         origin=origin,
         full_shape=full_shape,
+        pixel_y_nm=pixel_y_nm,
+        pixel_source="the parameter file's XYScanner.Width/Height over Points/Lines",
     )
+
+
+_MATRIX_MAGIC = b"ONTMATRX0101"
+
+
+def _check_matrix_blocks(p: Path) -> None:
+    """The data file is the 12-byte magic and one TLKB block that ends exactly at the end of file.
+
+    A Matrix result data file holds one bricklet; access2thematrix reads only the first block,
+    so bytes after it (or a block longer than the file) mean a corrupt or concatenated file.
+    """
+    with open(p, "rb") as f:
+        head = f.read(20)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) < 20 or head[:12] != _MATRIX_MAGIC or head[12:16] != b"TLKB":
+        raise ScanError(p, "not a Matrix data file (no ONTMATRX0101 / TLKB header)")
+    (length,) = struct.unpack("<L", head[16:20])
+    expected = 12 + 8 + 8 + length  # magic, block id + length, time stamp, content
+    if size != expected:
+        problem = "truncated" if size < expected else "has trailing bytes"
+        raise ScanError(
+            p, f"Matrix data file {problem}: its data block ends at byte {expected}, the file has {size} bytes"
+        )
+
+
+def _check_matrix_count(p: Path, mtrx: Any) -> None:
+    """Refuse more data values than the parameter file's raster holds (fewer: an aborted scan)."""
+    params = mtrx.param
+    points = int(params["EEPA::XYScanner.Points"][0])
+    lines = int(params["EEPA::XYScanner.Lines"][0])
+    x_retrace = bool(params["EEPA::XYScanner.X_Retrace"][0])
+    y_retrace = bool(params["EEPA::XYScanner.Y_Retrace"][0])
+    if points <= 0 or lines <= 0:
+        raise ScanError(p, f"the parameter file gives a {lines}x{points} raster (XYScanner.Lines x Points)")
+    full = points * (1 + x_retrace) * lines * (1 + y_retrace)
+    count = int(mtrx.data_item_count)
+    if count > full:
+        raise ScanError(
+            p,
+            f"data block holds {count} values, more than the {full} of the parameter file's raster "
+            f"({lines} lines x {points} points x {(1 + x_retrace) * (1 + y_retrace)} traces)",
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -530,17 +656,31 @@ def _nanonis_scan_class() -> type:
             info = self.header["data_info"]
             names = list(info["Name"])
             dirs = [str(d).strip().lower() for d in info.get("Direction", ["both"] * len(names))]
-            nx, ny = (int(v) for v in self.header["scan_pixels"])
+            unknown = sorted({d for d in dirs if d not in ("both", "forward", "backward")})
+            if unknown:
+                raise ScanError(self.fname, f"DATA_INFO gives unknown direction(s) {', '.join(unknown)}")
+            pixels = [int(v) for v in self.header["scan_pixels"]]
+            if len(pixels) != 2 or min(pixels) <= 0:
+                raise ScanError(self.fname, f"SCAN_PIXELS must be two positive numbers, not {pixels}")
+            nx, ny = pixels
             n_images = sum(2 if d == "both" else 1 for d in dirs)
             needed = n_images * nx * ny
+            # nanonispy2's byte_offset is 4 bytes past the end of the :SCANIT_END: line
+            start = _sxm_data_start(self.fname, self.byte_offset - 4)
+            itemsize = np.dtype(self.data_format).itemsize
+            found, want = os.path.getsize(self.fname) - start, needed * itemsize
+            layout = f"{n_images} images of SCAN_PIXELS {nx}x{ny}, {itemsize}-byte values"
+            if found < want:
+                raise ScanError(self.fname, f"truncated .sxm file: its data block has {found} bytes, "
+                                            f"the header needs {want} ({layout})")
+            if found > want:
+                raise ScanError(self.fname, f"data block has {found} bytes, more than the {want} the "
+                                            f"header gives ({layout}); edited SCAN_PIXELS or DATA_INFO?")
             with open(self.fname, "rb") as f:
-                f.seek(self.byte_offset)
+                f.seek(start)
                 values = np.fromfile(f, dtype=self.data_format, count=needed)
-            if values.size < needed:
-                raise ValueError(
-                    f"data block holds {values.size} values, header needs {needed} "
-                    f"({n_images} images of {nx}x{ny})"
-                )
+            if values.size != needed:  # the file changed under us
+                raise ScanError(self.fname, f"data block holds {values.size} values, header needs {needed}")
             images = values.reshape(n_images, ny, nx)
             signals: dict = {}
             k = 0
@@ -554,6 +694,20 @@ def _nanonis_scan_class() -> type:
             return signals
 
     return _SxmScan
+
+
+def _sxm_data_start(fname: str, header_end: int) -> int:
+    """Byte offset of the data block: just after the \\x1a\\x04 that follows ``:SCANIT_END:``.
+
+    ``header_end`` is where nanonispy2 found the end of the ``:SCANIT_END:`` line.
+    """
+    with open(fname, "rb") as f:
+        head = f.read(header_end + 64)
+    end = head.rfind(b":SCANIT_END:", 0, header_end)
+    marker = head.find(b"\x1a\x04", end, end + 64) if end >= 0 else -1
+    if marker < 0:
+        raise ScanError(fname, "no \\x1a\\x04 data marker after :SCANIT_END: (truncated or corrupt header)")
+    return marker + 2
 
 
 def _read_nanonis(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
@@ -589,11 +743,11 @@ def _read_nanonis(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     to_nm = _length_factor(unit)
 
     nx, ny = (int(v) for v in header["scan_pixels"])
-    range_m = [float(v) for v in header.get("scan_range", [])]
-    pixel_nm = pixel_y_nm = None
-    if len(range_m) == 2 and nx and ny:
-        pixel_nm = range_m[0] * 1e9 / nx
-        pixel_y_nm = range_m[1] * 1e9 / ny
+    range_m = [float(v) for v in np.atleast_1d(header.get("scan_range", []))]
+    if len(range_m) != 2:
+        raise ScanError(p, f"SCAN_RANGE must give a width and a height in m, not {range_m}")
+    pixel_nm = range_m[0] * 1e9 / nx
+    pixel_y_nm = range_m[1] * 1e9 / ny
 
     meta: dict[str, Any] = {
         "scan_range_nm": [v * 1e9 for v in range_m],
@@ -622,6 +776,8 @@ def _read_nanonis(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         direction=want,
         format="nanonis",
         meta=meta,
+        pixel_y_nm=pixel_y_nm,
+        pixel_source="the header's SCAN_RANGE over SCAN_PIXELS",
     )
 
 
@@ -636,8 +792,42 @@ def _rhk_module() -> Any:
             module_spec = importlib.util.spec_from_file_location("_stm_defects_rhksm4", candidate)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
+            _bound_rhk_lists(module)
             return module
     raise ImportError("spym does not contain io/rhksm4/_sm4.py")
+
+
+_RHK_MAX_OBJECTS = 256  # real files list 1 to about 30 objects per header
+_RHK_PAGE_ENTRY_BYTES = 32  # a page index entry: 16-byte page id and four uint32 fields
+
+
+def _bound_rhk_lists(module: Any) -> None:
+    """Make this private copy of the RHK reader refuse absurd list lengths before looping.
+
+    The reader reads object lists and the page index one small record at a time until the
+    count in the header is reached; a corrupt count makes it crawl through the whole file
+    (seconds per megabyte) before it fails. Object lists are capped at `_RHK_MAX_OBJECTS`
+    entries, and the page count at what the file could hold.
+    """
+    read_object_list = module.RHKObjectContainer._read_object_list
+
+    def bounded_object_list(self, sm4):
+        count = int(self._object_list_count)
+        if count > _RHK_MAX_OBJECTS:
+            raise ValueError(f"a header lists {count} objects (corrupt header)")
+        return read_object_list(self, sm4)
+
+    index_init = module.RHKPageIndexHeader.__init__
+
+    def bounded_page_index(self, sm4):
+        index_init(self, sm4)
+        size = os.fstat(sm4._file.fileno()).st_size
+        if int(self.page_count) * _RHK_PAGE_ENTRY_BYTES > size:
+            raise ValueError(f"the page index lists {int(self.page_count)} pages, more than a "
+                             f"{size}-byte file can hold (corrupt header)")
+
+    module.RHKObjectContainer._read_object_list = bounded_object_list
+    module.RHKPageIndexHeader.__init__ = bounded_page_index
 
 
 def _read_rhk(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
@@ -682,16 +872,23 @@ def _read_rhk(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     page = chosen[0]
     attrs = page.attrs
 
-    counts = np.asarray(page.data)
-    if counts.ndim != 2:
-        raise ScanError(p, f"Topography page has shape {counts.shape}, expected a 2-D image")
-    counts = counts.astype(np.float64)
-    completed = int(attrs.get("RHK_CompletedLineCount", counts.shape[0]) or 0)
-    if 0 < completed < counts.shape[0]:
-        # Lines never scanned are stored as zero counts; mark them before scaling
-        # (the z offset would otherwise turn them into a constant height).
-        counts[np.all(counts == 0, axis=1)] = np.nan
-    data = counts * float(attrs["RHK_Zscale"]) + float(attrs["RHK_Zoffset"])
+    counts = _rhk_image(p, page).astype(np.float64)
+    rows = counts.shape[0]
+    completed = int(attrs.get("RHK_CompletedLineCount", rows) or 0)
+    if 0 < completed < rows:
+        # Lines never scanned are stored as zero counts at one end of the image (which end
+        # depends on the scan direction); mark them before scaling (the z offset would turn
+        # them into a constant height). Zero rows elsewhere are data and stay.
+        unscanned = rows - completed
+        zero_rows = np.all(counts == 0, axis=1)
+        ends = np.zeros(rows, dtype=bool)
+        ends[:unscanned] = ends[rows - unscanned:] = True
+        counts[zero_rows & ends] = np.nan
+    zscale, zoffset = float(attrs["RHK_Zscale"]), float(attrs["RHK_Zoffset"])
+    if not (math.isfinite(zscale) and math.isfinite(zoffset) and zscale != 0):
+        raise ScanError(p, f"unusable height scale in the page header (RHK_Zscale {zscale:g}, "
+                           f"RHK_Zoffset {zoffset:g})")
+    data = counts * zscale + zoffset
     z_unit = str(attrs.get("RHK_Zunits", ""))
     to_nm = _length_factor(z_unit)
     xy_factor = _length_factor(str(attrs.get("RHK_Xunits", "")))
@@ -724,7 +921,47 @@ def _read_rhk(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         direction=want,
         format="rhk",
         meta=meta,
+        pixel_y_nm=pixel_y_nm,
+        pixel_source="the page's RHK_Xscale / RHK_Yscale",
     )
+
+
+def _rhk_image(p: Path, page: Any) -> np.ndarray:
+    """The page's image as (RHK_Ysize lines, RHK_Xsize points), after checking its data size.
+
+    The page header's data size must equal Xsize * Ysize 4-byte values exactly. RHK writes
+    Ysize lines of Xsize points (Gwyddion's reader takes them so); spym reshapes the values to
+    (Xsize, Ysize), which is that shape only for square images. For other shapes the values are
+    taken back to file order (undoing spym's flips for the scale signs), reshaped to
+    (Ysize, Xsize) and flipped the same way again.
+    """
+    attrs = page.attrs
+    xsize, ysize = int(attrs["RHK_Xsize"]), int(attrs["RHK_Ysize"])
+    if xsize <= 0 or ysize <= 0:
+        raise ScanError(p, f"Topography page gives a {ysize}x{xsize} image (RHK_Ysize x RHK_Xsize)")
+    declared = int(getattr(page, "_page_data_size", 4 * xsize * ysize))
+    if declared != 4 * xsize * ysize:
+        raise ScanError(
+            p,
+            f"Topography page holds {declared} bytes of data, its header's RHK_Xsize x RHK_Ysize "
+            f"({xsize}x{ysize}) needs {4 * xsize * ysize}",
+        )
+    data = np.asarray(page.data)
+    if data.size != xsize * ysize:
+        raise ScanError(p, f"Topography page has {data.size} values, {xsize}x{ysize} expected (truncated?)")
+    flip_x = float(attrs["RHK_Xscale"]) < 0
+    flip_y = float(attrs["RHK_Yscale"]) > 0
+    if xsize != ysize:
+        if flip_x:
+            data = data[:, ::-1]
+        if flip_y:
+            data = data[::-1, :]
+        data = np.ascontiguousarray(data).reshape(ysize, xsize)
+        if flip_x:
+            data = data[:, ::-1]
+        if flip_y:
+            data = data[::-1, :]
+    return data
 
 
 _HEIGHT_TITLE = re.compile(r"\bz\b|height|topo", re.IGNORECASE)
@@ -732,12 +969,16 @@ _BACKWARD_TITLE = re.compile(r"backward|\bbwd\b|retrace|\bbw\b|\bback\b|\[<-\]|<
 
 
 def _read_gwyddion(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
-    import gwyfile
+    from gwyfile.objects import GwyObject
 
-    with open(p, "rb") as f:
-        if f.read(4) != b"GWYP":
-            raise ScanError(p, "not a Gwyddion .gwy file (no GWYP header)")
-    obj = gwyfile.load(os.fspath(p))
+    buf = p.read_bytes()
+    if buf[:4] != b"GWYP":
+        raise ScanError(p, "not a Gwyddion .gwy file (no GWYP header)")
+    try:
+        _check_gwy_structure(buf)
+    except ValueError as exc:
+        raise ScanError(p, f"corrupt or truncated Gwyddion .gwy file ({exc})") from None
+    obj = GwyObject.frombuffer(buf[4:])
     if not isinstance(obj, dict):
         raise TypeError("top-level object is not a container")
     channels = []
@@ -763,12 +1004,23 @@ def _read_gwyddion(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         number, title, datafield = (forward or heightish)[0]
     direction = "backward" if _BACKWARD_TITLE.search(title) else "forward"
 
-    data = np.asarray(datafield.data, dtype=np.float64)
+    xres, yres = datafield.get("xres"), datafield.get("yres")
+    values = datafield.get("data")
+    if not (isinstance(xres, int) and isinstance(yres, int) and xres > 0 and yres > 0):
+        raise ScanError(p, f"data field {title!r} has no valid size (xres {xres!r}, yres {yres!r})")
+    n_values = -1 if values is None else int(np.size(values))
+    if n_values != xres * yres:
+        raise ScanError(
+            p, f"data field {title!r} holds {max(n_values, 0)} values, its header's xres x yres "
+               f"({xres}x{yres}) needs {xres * yres}"
+        )
+    data = np.asarray(values, dtype=np.float64).reshape(yres, xres)
     z_unit = _unitstr(datafield.get("si_unit_z"))
     xy_unit = _unitstr(datafield.get("si_unit_xy"))
     to_nm = _length_factor(z_unit)
     xy_factor = _length_factor(xy_unit)
     rows, cols = data.shape
+    # Gwyddion's defaults when a field leaves its physical size out
     xreal = float(datafield.get("xreal", 1.0))
     yreal = float(datafield.get("yreal", 1.0))
     pixel_nm = pixel_y_nm = None
@@ -800,7 +1052,82 @@ def _read_gwyddion(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         direction=direction,
         format="gwyddion",
         meta=meta,
+        pixel_y_nm=pixel_y_nm,
+        pixel_source="the data field's xreal/yreal over xres/yres",
     )
+
+
+# GWY serialisation: an object is a NUL-terminated type name, a uint32 byte size and that many
+# bytes of components; a component is a NUL-terminated name, a one-character type and its data.
+_GWY_FIXED = {"b": 1, "c": 1, "i": 4, "q": 8, "d": 8}
+_GWY_ARRAY = {"C": 1, "I": 4, "Q": 8, "D": 8}
+_GWY_MAX_DEPTH = 32
+
+
+def _check_gwy_structure(buf: bytes) -> None:
+    """Walk a whole .gwy file and raise ValueError where a size or terminator is out of bounds.
+
+    gwyfile trusts the sizes it reads: on a cut string or a garbage array count it loops for
+    ever or reads past the data. After this check every object, component, string and array
+    lies inside its parent, and the top-level object ends exactly at the end of the file.
+    """
+    end = _gwy_object_end(buf, 4, len(buf), 0)
+    if end != len(buf):
+        raise ValueError(f"{len(buf) - end} bytes after the top-level object")
+
+
+def _gwy_object_end(buf: bytes, pos: int, limit: int, depth: int) -> int:
+    if depth > _GWY_MAX_DEPTH:
+        raise ValueError(f"objects nested more than {_GWY_MAX_DEPTH} deep")
+    nul = buf.find(b"\0", pos, limit)
+    if nul < 0 or nul + 5 > limit:
+        raise ValueError(f"object at byte {pos} is cut off")
+    (size,) = struct.unpack_from("<I", buf, nul + 1)
+    start, end = nul + 5, nul + 5 + size
+    if end > limit:
+        raise ValueError(f"object at byte {pos} claims {size} bytes, {limit - start} are left")
+    q = start
+    while q < end:
+        q = _gwy_component_end(buf, q, end, depth)
+    return end
+
+
+def _gwy_component_end(buf: bytes, pos: int, limit: int, depth: int) -> int:
+    nul = buf.find(b"\0", pos, limit)
+    if nul < 0 or nul + 2 > limit:
+        raise ValueError(f"component at byte {pos} is cut off")
+    kind = chr(buf[nul + 1])
+    q = nul + 2
+    if kind in _GWY_FIXED:
+        q += _GWY_FIXED[kind]
+    elif kind == "s":
+        q = buf.find(b"\0", q, limit) + 1
+        if q == 0:
+            raise ValueError(f"string at byte {pos} is not terminated")
+    elif kind == "o":
+        q = _gwy_object_end(buf, q, limit, depth + 1)
+    elif kind in _GWY_ARRAY or kind in ("S", "O"):
+        if q + 4 > limit:
+            raise ValueError(f"array at byte {pos} is cut off")
+        (count,) = struct.unpack_from("<I", buf, q)
+        q += 4
+        if kind in _GWY_ARRAY:
+            q += count * _GWY_ARRAY[kind]
+        elif count > limit - q:  # every string or object takes at least one byte
+            raise ValueError(f"array at byte {pos} claims {count} items, {limit - q} bytes are left")
+        elif kind == "S":
+            for _ in range(count):
+                q = buf.find(b"\0", q, limit) + 1
+                if q == 0:
+                    raise ValueError(f"string array at byte {pos} is cut off")
+        else:
+            for _ in range(count):
+                q = _gwy_object_end(buf, q, limit, depth + 1)
+    else:
+        raise ValueError(f"unknown component type {kind!r} at byte {nul + 1}")
+    if q > limit:
+        raise ValueError(f"component at byte {pos} runs past the end of its object")
+    return q
 
 
 def _read_spiepy(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
@@ -837,16 +1164,28 @@ def _read_spiepy(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
 
 
 def _read_npy(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+    from numpy.lib import format as npy_format
+
     _single_image_only(p, hdir, ".npy")
     with open(p, "rb") as f:
         if f.read(6) != b"\x93NUMPY":
             raise ScanError(p, "not a NumPy .npy file (no NumPy header)")
-    try:
-        data = np.load(p, allow_pickle=False)
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise ScanError(p, "the .npy file holds Python objects, not a numeric image") from exc
-        raise
+        f.seek(0)
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(f)
+        else:  # 2.0 and 3.0 share the header layout
+            shape, _, dtype = npy_format.read_array_header_2_0(f)
+        start = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    if dtype.hasobject:
+        raise ScanError(p, "the .npy file holds Python objects, not a numeric image")
+    want = math.prod(shape) * dtype.itemsize
+    if size - start != want:
+        problem = "truncated .npy file" if size - start < want else "trailing bytes in the .npy file"
+        raise ScanError(p, f"{problem}: its header gives a {'x'.join(map(str, shape)) or 'scalar'} "
+                           f"{dtype} array ({want} bytes), the data part has {size - start} bytes")
+    data = np.load(p, allow_pickle=False)
     return _Raw(
         data=data,
         to_nm=None,
@@ -862,7 +1201,13 @@ def _read_tiff(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     import tifffile
 
     _single_image_only(p, hdir, "TIFF")
-    data = np.asarray(tifffile.imread(os.fspath(p)))
+    # tifffile logs a warning per bad tag of a corrupt file; the ScanError says it in one line
+    log = logging.getLogger("tifffile")
+    was_disabled, log.disabled = log.disabled, True
+    try:
+        data = np.asarray(tifffile.imread(os.fspath(p)))
+    finally:
+        log.disabled = was_disabled
     meta = {"dtype": str(data.dtype), "stored_shape": list(data.shape)}
     while data.ndim > 2 and data.shape[0] == 1:
         data = data[0]
