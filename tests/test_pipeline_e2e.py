@@ -305,6 +305,25 @@ def test_train_on_a_folder_then_predict_with_local_models(pipeline, monkeypatch)
     assert Path("out/own/summary.csv").is_file()
 
 
+def test_train_on_uncalibrated_files_takes_a_pixel_size(pipeline, monkeypatch):
+    """npy files carry no pixel size: `stm train` says so, and --scan-nm calibrates them (the
+    value is in the run's params, so it travels with the models)."""
+    from stm_defects.io.scans import read_scan
+
+    monkeypatch.setenv("STM_PIPELINE_RUN", "e2e-train-npy")
+    own = Path("own_npy")
+    own.mkdir()
+    for f in sorted(Path("data/raw/synthetic/default").glob("*.gwy"))[:4]:
+        np.save(own / f"{f.stem}.npy", read_scan(f).height)
+    result = ok("train", own, "--out", "runs/npy", "--no-track")
+    assert "4 training scan(s) carry no pixel size" in result.stderr
+    result = ok("train", own, "--out", "runs/npy_cal", "--no-track", "--scan-nm", str(SIZE * 0.1))
+    assert "carry no pixel size" not in result.stderr
+    stats = json.loads(Path("runs/npy_cal/data/validated/scan_stats.json").read_text())
+    assert [round(r["pixel_nm"], 6) for r in stats] == [0.1] * 4
+    one_line_failure(stm("train", own, "--out", "runs/npy_bad", "--no-track", "--pixel-nm", "-1"), "pixel")
+
+
 def test_kmeans_stage_with_few_patches(pipeline, tmp_path):
     from stm_defects.config import ScopedParams, load_params
     from stm_defects.mlops.run import _progress_factory

@@ -229,16 +229,23 @@ def train(
     params: ParamsOpt = None,
     profile: ProfileOpt = None,
     track: TrackOpt = True,
+    pixel_nm: PixelNmOpt = None,
+    scan_nm: ScanNmOpt = None,
 ):
     """Train the whole pipeline on a folder of scans: the stages of dvc.yaml, outside DVC."""
+    import dataclasses
     import time
 
+    from stm_defects.config import ScanCalibration
     from stm_defects.errors import StageError
     from stm_defects.mlops.run import run_stage
 
     if not data.is_dir():
         raise StageError(f"{data}: not a folder of scans")
+    calibration = check_calibration(pixel_nm, scan_nm)
     p = _params(params, profile)
+    if pixel_nm is not None or scan_nm is not None:   # recorded with the models (params digest)
+        p = dataclasses.replace(p, scan_calibration=ScanCalibration(**calibration))
     os.environ.setdefault("STM_PIPELINE_RUN", f"train-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     for name in TRAIN_STAGES:
@@ -246,6 +253,9 @@ def train(
         m = run_stage(name, p, out, raw=data, track=track)
         if name == "validate":
             typer.echo(f"validated: {m['n_passed']} passed, {m['n_quarantined']} quarantined")
+            if m.get("n_uncalibrated"):
+                typer.echo(f"warning: {m['n_uncalibrated']} training scan(s) carry no pixel size: they are "
+                           "analysed in pixel units; give --pixel-nm or --scan-nm", err=True)
     models = out / "models"
     typer.echo(f"models in {models}: predict with `stm predict SCANS --models {models}`"
                + (" or promote them with `stm promote --run latest`" if track else ""))

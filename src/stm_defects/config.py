@@ -45,6 +45,25 @@ class ValidateParams:
 
 
 @dataclass(frozen=True)
+class ScanCalibration:
+    """The pixel size of training scans whose files carry none (PNG, JPEG, TIFF, npy, SPIEPy
+    .dat); a given value also overrides a file's own. `stm train --pixel-nm/--scan-nm` sets it."""
+    pixel_nm: float | None = None    # nm per pixel
+    scan_nm: float | None = None     # scan width in nm (pixel size = this / image width)
+
+    def __post_init__(self) -> None:
+        from stm_defects.io.scans import calibration_error
+
+        why = calibration_error(self.pixel_nm, self.scan_nm)
+        if why:
+            raise ConfigError(f"scan_calibration: {why}")
+
+    def read_kwargs(self) -> dict:
+        """Keywords of `io.scans.read_scan` (and `analysis.dispatch.load_image`)."""
+        return {"pixel_nm": self.pixel_nm, "scan_nm": self.scan_nm}
+
+
+@dataclass(frozen=True)
 class PrepareParams:
     fractions: tuple[float, float, float] = (0.806, 0.167, 0.027)  # train/test/predict, the report's 1450/300/50
     patch: int = 32                  # px, the autoencoders' window side
@@ -104,6 +123,7 @@ class Params:
     synth_hard: Any
     preprocess: Any
     validate: ValidateParams
+    scan_calibration: ScanCalibration
     prepare: PrepareParams
     ae1: Any
     ae1_train: Any
@@ -173,7 +193,8 @@ def section_types() -> dict[str, type]:
 
     return {
         "data": DataParams, "synth": SynthConfig, "synth_hard": SynthConfig,
-        "preprocess": PreprocessConfig, "validate": ValidateParams, "prepare": PrepareParams,
+        "preprocess": PreprocessConfig, "validate": ValidateParams,
+        "scan_calibration": ScanCalibration, "prepare": PrepareParams,
         "ae1": AEConfig, "ae1_train": TrainConfig, "kmeans": KMeansParams, "maps": MapsConfig,
         "mask": MaskConfig, "defect_patches": DefectPatchConfig, "ae2": AEConfig,
         "ae2_train": TrainConfig, "gmm": GMMParams, "evaluate": EvaluateConfig,

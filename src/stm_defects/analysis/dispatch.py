@@ -71,8 +71,10 @@ def preprocess_scan(scan: Scan, cfg: PreprocessConfig, min_side: int = 8) -> tup
         raise ScanError(scan.path, str(exc)) from None
 
 
-def load_image(path, cfg: PreprocessConfig) -> tuple[Scan, np.ndarray, float]:
-    """Read and preprocess one scan: (scan, img01 float32, scale); see `image_pixel_nm`."""
-    scan = read_scan(path)
+def load_image(path, cfg: PreprocessConfig, *, pixel_nm: float | None = None,
+               scan_nm: float | None = None) -> tuple[Scan, np.ndarray, float]:
+    """Read and preprocess one scan: (scan, img01 float32, scale); see `image_pixel_nm`.
+    ``pixel_nm``/``scan_nm`` calibrate a file that carries no pixel size (`io.scans.read_scan`)."""
+    scan = read_scan(path, pixel_nm=pixel_nm, scan_nm=scan_nm)
     img, scale = preprocess_scan(scan, cfg)
     return scan, img, scale

@@ -85,7 +85,7 @@ def validate(params, deps, outs, tracker, progress) -> dict:
         for path in files:
             name = str(path.relative_to(raw_dir))
             try:
-                rows.append(scan_stats(name, read_scan(path)))
+                rows.append(scan_stats(name, read_scan(path, **params.scan_calibration.read_kwargs())))
             except ScanError as err:
                 quarantined[name] = [err.reason]
             step(1)
@@ -107,7 +107,8 @@ def validate(params, deps, outs, tracker, progress) -> dict:
     write_json(out / "scan_stats.json", rows)
     for name, reasons in summary["quarantined"].items():
         log.warning("quarantined %s: %s", name, "; ".join(reasons))
-    metrics = {"n_passed": len(passed), "n_quarantined": len(quarantined)}
+    metrics = {"n_passed": len(passed), "n_quarantined": len(quarantined),
+               "n_uncalibrated": sum(1 for r in rows if r["scan"] in passed and not r["pixel_nm"] > 0)}
     tracker.metrics(metrics)
     tracker.artifacts(out / "summary.json")
     if len(passed) < params.validate.min_passed:
@@ -130,7 +131,7 @@ def prepare(params, deps, outs, tracker, progress) -> dict:
     patches, origins, owners = [], [], []
     with progress(len(splits["train"]), "prepare") as step:
         for idx, name in enumerate(splits["train"]):
-            _, img, _ = load_image(raw_dir / name, params.preprocess)
+            _, img, _ = load_image(raw_dir / name, params.preprocess, **params.scan_calibration.read_kwargs())
             p, o = extract_windows(img, params.prepare.patch, params.prepare.stride)
             patches.append(p)
             origins.append(o)

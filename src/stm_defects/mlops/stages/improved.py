@@ -30,7 +30,7 @@ def fit_improved(params, deps, outs, tracker, progress) -> dict:
     images, pixel_nms = [], []
     with progress(len(names), "fit improved") as step:
         for name in names:
-            scan, img, scale = load_image(raw_dir / name, cfg.preprocess)
+            scan, img, scale = load_image(raw_dir / name, cfg.preprocess, **params.scan_calibration.read_kwargs())
             images.append(img)
             pixel_nms.append(image_pixel_nm(scan, scale))
             step(1)

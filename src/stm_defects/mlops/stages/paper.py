@@ -77,7 +77,7 @@ def defects(params, deps, outs, tracker, progress) -> dict:
     images, maps = [], []
     with progress(len(train), "defect masks") as step:
         for name in train:
-            _, img, _ = load_image(raw_dir / name, params.preprocess)
+            _, img, _ = load_image(raw_dir / name, params.preprocess, **params.scan_calibration.read_kwargs())
             images.append(img)
             maps.append(stage1_maps(img, models, cfg))
             step(1)
