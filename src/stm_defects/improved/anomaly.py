@@ -9,8 +9,10 @@
    stand ``notch_k`` (log units) above a median-smoothed spectrum, beyond ``min_freq``);
 4. the residual is smoothed at a few blob scales; each scale is divided by its robust noise
    level (MAD over the scan, step band excluded) and the score is the maximum |z| over scales;
-5. defects are local maxima of the score above ``threshold``; each gets the region of
-   score > ``low_threshold`` around it and a score-weighted centre.
+5. defects are local maxima of the score above ``threshold`` that also pass ``threshold``
+   against the noise of their own scan row and column (``line_noise``: real scans carry lines
+   hit by tip changes and feedback ringing); each gets the region of score > ``low_threshold``
+   around it and a score-weighted centre.
 
 Everything is deterministic; no randomness, no I/O.
 """
@@ -35,7 +37,7 @@ from stm_defects.improved.steps import (
     terrace_background,
 )
 
-__all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "score_map"]
+__all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "score_map", "score_maps"]
 
 
 
@@ -49,8 +51,11 @@ class AnomalyConfig:
     notch_pad: int = 32                  # reflect padding before the FFT (border artefacts)
     min_freq: float = 0.06               # cycles/px; lower frequencies are never notched
     scales: tuple[float, ...] = (1.5, 2.5, 4.0)   # blob scales (Gaussian sigma, px)
-    lattice_floor: float = 0.0           # noise floor of the score: this x std of the lattice
-    threshold: float = 7.0               # peak score (robust z) of a defect
+    lattice_floor: float = 0.1           # noise floor of the score: this x std of the removed lattice
+    threshold: float = 5.0               # peak score (robust z) of a defect ...
+    line_noise: int = 9                  # ... also against its own row's and column's noise (robust std,
+                                         # median over this many neighbouring lines; 0: scan-wide only)
+    line_min_px: int = 200               # valid pixels a line needs for its own noise estimate
     low_threshold: float = 3.5           # region of a defect
     min_distance: int = 5                # px between score maxima
     merge_distance: float = 16.0         # peaks closer than this are one defect
@@ -99,17 +104,55 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     return clean, (r - clean).astype(np.float32)
 
 
-def score_map(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0.0) -> np.ndarray:
-    """max over scales of |G_sigma * residual| / noise, the noise being the robust std of
-    G_sigma * residual over ``valid`` pixels, at least ``floor`` (a height scale)."""
+def _line_noise(dev: np.ndarray, valid: np.ndarray, axis: int, smooth: int, min_px: int) -> np.ndarray:
+    """Robust std of ``dev`` along each scan line (rows: axis=1), median-smoothed over
+    ``smooth`` neighbouring lines; 0 (no line estimate) for lines with fewer than ``min_px``
+    or than half their pixels valid: on short lines a defect is a large part of the sample."""
+    import warnings
+
+    a = np.where(valid, np.abs(dev), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN lines
+        s = np.nanmedian(a, axis=axis) * 1.4826
+    s = np.where(valid.sum(axis=axis) >= max(min_px, 0.5 * valid.shape[axis]), s, 0.0)
+    if smooth > 1:
+        s = ndi.median_filter(s, size=int(smooth), mode="nearest")
+    return s.astype(np.float32)
+
+
+def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0.0,
+               line_smooth: int = 0, line_min_px: int = 200) -> tuple[np.ndarray, np.ndarray | None]:
+    """(score, line ratio). score = max over scales of |G_sigma * residual| / noise, the noise
+    being the robust std of G_sigma * residual over ``valid`` pixels, at least ``floor``.
+
+    With ``line_smooth`` > 0, ratio is, at each pixel and for the scale of its score, how much
+    noisier its own row or column is than the scan (>= 1): a peak is a defect when its score
+    also passes the threshold times this ratio. Scan lines hit by tip changes or feedback
+    ringing then need a larger excursion, while the score map (peak positions and regions)
+    is unchanged. Rows and columns are treated alike, so a scan rotated by 90 degrees scores
+    the same.
+    """
     out = np.zeros(residual.shape, np.float32)
+    ratio = np.ones(residual.shape, np.float32) if line_smooth else None
     for s in scales:
         g = ndi.gaussian_filter(residual, s)
         v = g[valid][::3]
-        z = np.abs(g - np.median(v)) / max(_robust_std(v), floor)
+        dev = g - np.median(v)
+        z = np.abs(dev) / max(_robust_std(v), floor)
+        if ratio is not None:
+            noise = max(_robust_std(v), floor, 1e-12)
+            lines = np.maximum(_line_noise(dev, valid, 1, line_smooth, line_min_px)[:, None],
+                               _line_noise(dev, valid, 0, line_smooth, line_min_px)[None, :]) / noise
+            better = z > out
+            ratio[better] = np.maximum(lines, 1.0)[better]
         np.maximum(out, z, out=out)
     out[~valid] = 0.0
-    return out
+    return out, ratio
+
+
+def score_map(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0.0) -> np.ndarray:
+    """The score of `score_maps` alone."""
+    return score_maps(residual, valid, scales, floor)[0]
 
 
 def _row_offsets(c: np.ndarray, use: np.ndarray) -> np.ndarray:
@@ -163,12 +206,15 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
     clean -= step_profile(clean, terr, w, cfg.profile_dist, cfg.profile_tile)
     clean[terr.band] = 0.0
     floor = cfg.lattice_floor * float(np.std(lat[valid][::3])) if cfg.lattice_floor else 0.0
-    score = score_map(clean, valid, cfg.scales, floor)
+    score, ratio = score_maps(clean, valid, cfg.scales, floor, cfg.line_noise,
+                                      cfg.line_min_px)
 
     pk = peak_local_max(score, min_distance=cfg.min_distance, threshold_abs=cfg.threshold,
                         exclude_border=False)
     if len(pk):
         pk = pk[valid[pk[:, 0], pk[:, 1]]]
+    if len(pk) and ratio is not None:   # ... and above the threshold of its own scan lines
+        pk = pk[score[pk[:, 0], pk[:, 1]] >= cfg.threshold * ratio[pk[:, 0], pk[:, 1]]]
     vals = score[pk[:, 0], pk[:, 1]] if len(pk) else np.zeros(0)
     if len(pk):
         keep = _merge(pk.astype(float), vals, cfg.merge_distance)
