@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH STM_PIPELINE_RUN=make-run-$$(date +%Y%m%d-%H%M%S) $(BIN)/dvc repro
+	PATH=$(CURDIR)/$(BIN):$$PATH STM_PIPELINE_RUN=make-run-$$(date +%Y%m%d-%H%M%S)-$$($(BIN)/python -c 'import uuid; print(uuid.uuid4().hex)') $(BIN)/dvc repro
 	@PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/stm results
 
 test: $(STAMP)

@@ -206,8 +206,8 @@ def test_promote_latest_then_predict_from_production(promoted):
 def test_models_lists_every_registered_model(promoted):
     result = ok("models")
     names = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
-    assert names == set(MODEL_NAMES.values()), result.stdout
-    for name in MODEL_NAMES.values():
+    assert names == {*MODEL_NAMES.values(), "stm-set"}, result.stdout
+    for name in (*MODEL_NAMES.values(), "stm-set"):
         assert any(ln.startswith(name) and "Production" in ln for ln in result.stdout.splitlines()), \
             result.stdout
 

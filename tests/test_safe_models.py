@@ -390,10 +390,15 @@ def test_registry_sha256_mismatch_is_refused(fresh_kmeans, tmp_path):
     assert f"stm-kmeans v{v}" in text and "kmeans.npz" in text and "sha256" in text and "refusing" in text
     assert "\n" not in text
 
-    # a matching tag (the attacker also rewrote it): the safe reader still refuses the pickle
+    # a matching tag (the attacker also rewrote it): the model set's sha256 pin no longer holds
     client = mlflow.MlflowClient()
-    client.set_model_version_tag("stm-kmeans", str(v), "sha256",
-                                 safe_models.file_sha256(fresh_kmeans["folder"] / "kmeans.npz"))
+    planted = safe_models.file_sha256(fresh_kmeans["folder"] / "kmeans.npz")
+    client.set_model_version_tag("stm-kmeans", str(v), "sha256", planted)
+    with pytest.raises(TrackingError, match=rf"stm-kmeans v{v}: its sha256 tag is not the one stm-set v\d+ pinned"):
+        load_registered("Production")
+    # and with the set's pin rewritten as well, the safe reader still refuses the pickle
+    served = client.get_model_version_by_alias("stm-set", "production")
+    client.set_model_version_tag("stm-set", served.version, "kmeans_sha256", planted)
     with pytest.raises(ModelFileError, match=rf"stm-kmeans v{v} kmeans.npz: a pickle, refused"):
         load_registered("Production")
     assert not marker.exists()

@@ -5,7 +5,13 @@ The project (its params.yaml and MLflow store) is found as `stm_defects.project`
 needs no project when given `--models DIR`.
 
 Heavy imports (torch, mlflow, GX) happen inside the commands so that `stm --help` is instant.
-User errors (bad files, bad params) end with one line on stderr and exit code 1, no traceback.
+User errors (bad files, bad params, an output path that cannot be written) end with one line on
+stderr and exit code 1, no traceback; `stm --verbose COMMAND` adds the traceback.
+
+Commands that loop over scans (`info`, `classes`, `predict`, `evaluate`) isolate each file: any
+error while reading, analysing or writing one file becomes one line (`file: stage failed:
+reason`), the batch goes on, and the exit code is 1 when anything failed.
+
 The pipeline's stages run through `python -m stm_defects.mlops.run STAGE` (see dvc.yaml).
 """
 
@@ -55,24 +61,44 @@ def main(
 
 
 def user_errors(fn):
-    """Turn domain errors into one line on stderr and exit code 1."""
+    """Turn domain and disk errors into one line on stderr and exit code 1 (with `--verbose`,
+    the traceback is logged first)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from stm_defects.errors import ConfigError, StageError
+        from stm_defects.io.files import describe_os_error
         from stm_defects.io.scans import ScanError
         from stm_defects.mlops.tracking import TrackingError
 
         try:
             return fn(*args, **kwargs)
         except (ScanError, ConfigError, StageError, TrackingError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
+            caught, line = err, str(err)
         except FileNotFoundError as err:
-            typer.echo(f"error: {err.filename or err}: file not found", err=True)
-            raise typer.Exit(1) from None
+            caught, line = err, f"{err.filename or err}: file not found"
+        except OSError as err:          # an output that is a folder, a full disk, no permission
+            caught, line = err, describe_os_error(err)
+        log.debug("traceback of the error below", exc_info=caught)
+        typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(1) from None
 
     return wrapper
+
+
+def log_failure(failure) -> None:
+    """With `--verbose`, the traceback of one failed file (an `analysis.predict.Failure`)."""
+    if failure.error is not None:
+        log.debug("%s", failure.line(), exc_info=failure.error)
+
+
+def file_failure(path, stage: str, err: Exception):
+    """The `Failure` of one file of a batch (logged for `--verbose`)."""
+    from stm_defects.analysis.predict import Failure, failure_reason
+
+    failure = Failure(str(path), stage, failure_reason(err), err)
+    log_failure(failure)
+    return failure
 
 
 def _params(path: Path | None, profile: str | None = None):
@@ -111,17 +137,25 @@ def scan_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+def override_config(override: Path | None, profile: str | None = None):
+    """The `PredictConfig` of a params.yaml given to override the models' own (None: none given).
+    Every value is checked here, so a bad one fails before any model or scan is read."""
+    from stm_defects.config import predict_config
+
+    return None if override is None else predict_config(_params(override, profile))
+
+
 def model_bundle(models: Path | None, model_stage: str, override: Path | None = None,
                  profile: str | None = None):
     """(Models, PredictConfig, provenance) from a local folder or the registry's `model_stage` set.
 
     The prediction config is the one the models carry; `override` (a params.yaml) replaces it,
-    and the provenance says so.
+    and the provenance says so. The override is read and checked first.
     """
     from stm_defects.analysis.dispatch import PredictConfig
-    from stm_defects.config import predict_config
     from stm_defects.errors import StageError
 
+    cfg_override = override_config(override, profile)
     if models is not None:
         from stm_defects.io.model_files import load_models
 
@@ -137,9 +171,8 @@ def model_bundle(models: Path | None, model_stage: str, override: Path | None = 
         v = bundle.versions["improved"]
         where = f"registry {v['name']} v{v['version']} ({v['stage']})"
         stored = bundle.config
-    if override is not None:
-        cfg = predict_config(_params(override, profile))
-        return bundle, cfg, {"source": f"override {override.resolve()}", "models": where}
+    if cfg_override is not None:
+        return bundle, cfg_override, {"source": f"override {override.resolve()}", "models": where}
     if stored is None:
         raise StageError(f"{where} carries no prediction config: retrain it, or give --params FILE")
     return bundle, PredictConfig.from_dict(stored, f"config of {where}"), {"source": where}
@@ -180,8 +213,10 @@ def info(
     pixel_nm: PixelNmOpt = None,
     scan_nm: ScanNmOpt = None,
 ):
-    """One line per scan: format, shape, pixel size, channel, direction, height range."""
-    from stm_defects.io.scans import ScanError, read_scan
+    """One line per scan: format, shape, pixel size, channel, direction, height range.
+
+    A file that cannot be read is listed at the end (exit code 1); the others are still shown."""
+    from stm_defects.io.scans import read_scan
 
     failed = []
     calibration = check_calibration(pixel_nm, scan_nm)
@@ -189,8 +224,8 @@ def info(
     for f in files:
         try:
             s = read_scan(f, direction=direction, **calibration)
-        except ScanError as err:
-            failed.append(str(err))
+        except Exception as err:  # noqa: BLE001 - one bad file must not end the listing
+            failed.append(file_failure(f, "read", err))
             continue
         h = s.height
         source = s.meta.get("pixel_nm_source")
@@ -203,17 +238,27 @@ def info(
     report_failures(failed, len(files))
 
 
-def report_failures(failed: list[str], n_files: int) -> None:
-    """One line for a single bad file; for a batch, the list of bad files at the end. Exit 1."""
+def report_failures(failed: list, n_files: int, listed_in: Path | None = None, then_exit: bool = True) -> None:
+    """One line for a single bad file; for a batch, the list of bad files at the end. Exit 1
+    (unless ``then_exit`` is False).
+
+    ``failed`` holds `analysis.predict.Failure`s (or ready lines); ``listed_in`` names the file
+    that lists them too. When one of them is not a plain input or disk problem, a last line says
+    how to see its traceback."""
     if not failed:
         return
+    lines = [f.line() if hasattr(f, "line") else str(f) for f in failed]
     if n_files == 1:
-        typer.echo(f"error: {failed[0]}", err=True)
+        typer.echo(f"error: {lines[0]}", err=True)
     else:
-        typer.echo(f"{len(failed)} of {n_files} file(s) failed:", err=True)
-        for line in failed:
+        where = f" (listed in {listed_in})" if listed_in else ""
+        typer.echo(f"{len(failed)} of {n_files} file(s) failed{where}:", err=True)
+        for line in lines:
             typer.echo(f"  {line}", err=True)
-    raise typer.Exit(1)
+    if not all(getattr(f, "expected", True) for f in failed) and not log.isEnabledFor(logging.DEBUG):
+        typer.echo("run `stm --verbose ...` to see the traceback", err=True)
+    if then_exit:
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -246,11 +291,15 @@ def train(
     p = _params(params, profile)
     if pixel_nm is not None or scan_nm is not None:   # recorded with the models (params digest)
         p = dataclasses.replace(p, scan_calibration=ScanCalibration(**calibration))
-    os.environ.setdefault("STM_PIPELINE_RUN", f"train-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from stm_defects.mlops.tracking import new_pipeline_key
+
+    # one unique key for this training's stages (two trainings started together never mix)
+    pipeline = os.environ.get("STM_PIPELINE_RUN") or new_pipeline_key(
+        f"train-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     for name in TRAIN_STAGES:
         log.info("stage %s", name)
-        m = run_stage(name, p, out, raw=data, track=track)
+        m = run_stage(name, p, out, raw=data, track=track, pipeline=pipeline)
         if name == "validate":
             typer.echo(f"validated: {m['n_passed']} passed, {m['n_quarantined']} quarantined")
             if m.get("n_uncalibrated"):
@@ -270,17 +319,40 @@ def classes(
     models: Annotated[Path | None, typer.Option(help="Local models folder instead of the registry.")] = None,
     per_class: Annotated[int, typer.Option(help="Examples per class.")] = 8,
 ):
-    """Per-class gallery of example defects, to decide what each class is (then `stm name-class`)."""
-    from stm_defects.analysis.dispatch import image_pixel_nm, load_image
-    from stm_defects.analysis.gallery import gallery
-    from stm_defects.io.files import save_png
+    """Per-class gallery of example defects, to decide what each class is (then `stm name-class`).
 
-    bundle, cfg, _ = model_bundle(models, model_stage)
+    A scan that cannot be read or analysed is skipped and listed at the end (exit code 1); the
+    gallery is made from the others."""
+    from stm_defects.analysis.dispatch import image_pixel_nm, preprocess_scan
+    from stm_defects.analysis.gallery import defect_examples
+    from stm_defects.analysis.render import class_gallery
+    from stm_defects.errors import StageError
+    from stm_defects.io.files import save_png
+    from stm_defects.io.scans import read_scan
+
+    if out.is_dir():
+        raise StageError(f"--out {out}: is a folder; give the PNG file to write, e.g. {out / 'classes.png'}")
     files = scan_files(paths)
-    loaded = [load_image(f, cfg.preprocess) for f in files]
-    save_png(out, gallery([img for _, img, _ in loaded], bundle, cfg, per_class, patch=cfg.paper.patch,
-                          pixel_nms=[image_pixel_nm(scan, scale) for scan, _, scale in loaded]))
-    typer.echo(f"gallery of {len(files)} scan(s) -> {out}")
+    bundle, cfg, _ = model_bundle(models, model_stage)
+    examples: dict[int, list] = {}
+    failed, n_used = [], 0
+    for f in files:
+        stage = "read"
+        try:
+            scan = read_scan(f)
+            stage = "analyse"
+            img, scale = preprocess_scan(scan, cfg.preprocess)
+            found = defect_examples(img, bundle, cfg, cfg.paper.patch, image_pixel_nm(scan, scale))
+        except Exception as err:  # noqa: BLE001 - one bad scan must not end the gallery
+            failed.append(file_failure(f, stage, err))
+            continue
+        n_used += 1
+        for cls, patches in found.items():
+            examples.setdefault(cls, []).extend(patches)
+    if n_used:
+        save_png(out, class_gallery(examples, bundle.class_names, per_class))
+        typer.echo(f"gallery of {n_used} scan(s) -> {out}")
+    report_failures(failed, len(files))
 
 
 # ---------------------------------------------------------------------------------- predict
@@ -301,34 +373,63 @@ def predict(
     profile: ProfileOpt = None,
     pixel_nm: PixelNmOpt = None,
     scan_nm: ScanNmOpt = None,
+    max_pixels: Annotated[int, typer.Option(
+        min=1, help="Refuse scans of more pixels (rows x columns) than this before analysing them, saying "
+                    "roughly how much memory one would need (a scan of 4096x4096, the default, needs about "
+                    "2.5 GB).")
+    ] = 4096 * 4096,
 ):
     """Find and classify defects: per scan a JSON, an overlay, a class map and a character map.
 
     The detector and preprocessing settings are the ones stored with the models, so a model
     version gives the same result from any folder.
+
+    Each scan is isolated: one that fails (read, analyse or write) is skipped, and the batch
+    goes on. OUT always gets summary.csv (one row per scan predicted) and failures.csv (scan,
+    stage, reason; the header only when none failed); the exit code is 1 when any scan failed.
+    Every file is written whole (a temporary file, then a rename), a scan's JSON last. A second
+    `stm predict` into the same OUT while one runs is refused.
     """
-    from stm_defects.analysis.predict import predict_scan, write_summary
-    from stm_defects.io.scans import ScanError
+    from stm_defects.io.files import check_unlocked, output_folder, output_lock
 
     calibration = check_calibration(pixel_nm, scan_nm)
     files = scan_files(paths)
+    check_unlocked(out)         # a run into OUT is under way: stop before loading anything
+    # the override is checked first, then the models load; only then is anything written
     bundle, cfg, provenance = model_bundle(models, model_stage, params, profile)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(output_folder(out)):
+        _predict_batch(files, bundle, cfg, provenance, out, direction, calibration, max_pixels)
+
+
+def _predict_batch(files, bundle, cfg, provenance, out: Path, direction, calibration, max_pixels) -> None:
+    """`stm predict`'s loop over `files` into `out` (locked by the caller), then its two tables."""
+    from stm_defects.analysis.predict import Failure, try_predict_scan, write_failures, write_summary
+
     rows, failed = [], []
     with _progress(len(files), "predict") as bar:
         for f in files:
-            try:
-                rows.append(predict_scan(f, bundle, cfg, out, direction=direction, provenance=provenance,
-                                         **calibration))
-            except ScanError as err:
-                failed.append(str(err))
+            got = try_predict_scan(f, bundle, cfg, out, direction=direction, provenance=provenance,
+                                   max_pixels=max_pixels, **calibration)
+            if isinstance(got, Failure):
+                log_failure(got)
+                failed.append(got)
+            else:
+                rows.append(got)
             bar.update(1)
     warn_uncalibrated([Path(r["scan"]).name for r in rows if not r.get("pixel_nm")])
-    if rows:
-        write_summary(rows, out / "summary.csv")
-        typer.echo(f"{len(rows)} scan(s), {sum(r['n_defects'] for r in rows)} defects -> {out} "
-                   f"(summary {out / 'summary.csv'}; config from {provenance['source']})")
-    report_failures(failed, len(files))
+    table_errors = []
+    for write, data, name in ((write_summary, rows, "summary.csv"), (write_failures, failed, "failures.csv")):
+        try:            # each table is tried, whatever became of the other
+            write(data, out / name)
+        except OSError as err:
+            table_errors.append(err)
+    typer.echo(f"{len(rows)} of {len(files)} scan(s), {sum(r['n_defects'] for r in rows)} defects -> {out} "
+               f"(summary {out / 'summary.csv'}; config from {provenance['source']})")
+    report_failures(failed, len(files), listed_in=out / "failures.csv", then_exit=False)
+    if table_errors:
+        raise table_errors[0]          # one line, by `user_errors`
+    if failed:
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------- evaluate
@@ -345,7 +446,7 @@ def evaluate(
     ARI/NMI of the classes against the annotators'. The boxes are for measuring only."""
     from stm_defects.analysis.boxes import load_truth_dir, markdown_table, pair_by_image, score_boxes
     from stm_defects.errors import StageError
-    from stm_defects.io.files import read_json, write_json
+    from stm_defects.io.files import output_folder, read_json, write_json, write_text_atomic
 
     if not predictions.is_dir():
         raise StageError(f"{predictions}: not a folder of predictions")
@@ -353,24 +454,30 @@ def evaluate(
         truths = load_truth_dir(truth)
     except (OSError, ValueError) as err:
         raise StageError(f"{truth}: {err}") from None
-    preds = []
-    for f in sorted(predictions.glob("*.json")):
-        d = read_json(f)
+    preds, failed = [], []
+    files = sorted(predictions.glob("*.json"))
+    for f in files:
+        try:
+            d = read_json(f)
+        except Exception as err:  # noqa: BLE001 - one unreadable JSON must not end the scoring
+            failed.append(file_failure(f, "read", err))
+            continue
         if isinstance(d, dict) and "defects" in d and "image" in d:
             preds.append(d)
     pairs = pair_by_image(preds, truths)
     if not pairs:
+        report_failures(failed, len(files), then_exit=False)
         raise StageError(f"no prediction in {predictions} is of an image in {truth}")
     result = score_boxes(pairs, slack_px=slack_px)
-    out = out or predictions
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out or predictions)
     write_json(out / "evaluation.json", result)
     table = markdown_table(result)
-    (out / "evaluation.md").write_text(table + "\n")
+    write_text_atomic(out / "evaluation.md", table + "\n")
     typer.echo(table)
     missing = len(truths) - len(pairs)
     typer.echo(f"{len(pairs)} scan(s) scored -> {out / 'evaluation.md'}"
                + (f"; {missing} image(s) of the truth have no prediction" if missing else ""))
+    report_failures(failed, len(files))
 
 
 # -------------------------------------------------------------------------- registry / UI
@@ -384,7 +491,11 @@ def promote(
     model_stage: Annotated[str, typer.Option(help="Production, Staging or Archived.")] = "Production",
     force: Annotated[bool, typer.Option(help="Promote even if the set's lineage does not match.")] = False,
 ):
-    """Promote one model version, or the consistent set of one pipeline run, to a stage."""
+    """Promote a model set to a stage: the set of a pipeline run (`--run latest|RUN_ID`), or one
+    model version swapped into the set the stage holds (`MODEL VERSION`). The stage moves as one
+    unit, so `stm predict` never sees a mix. Inconsistent lineage is refused unless `--force`; a
+    pipeline run without a set (killed, failed, still running) is refused. `--model-stage
+    Archived` takes a set out of its stage."""
     from stm_defects.mlops.tracking import TrackingError, pipeline_set
     from stm_defects.mlops.tracking import promote as do_promote
 
@@ -402,7 +513,8 @@ def promote(
 @app.command("models")
 @user_errors
 def list_models_cmd():
-    """Registered models: versions, stage, lineage and key metrics."""
+    """Registered models: versions, stage, lineage and key metrics, then the model sets
+    (`stm-set`). The Production or Staging set is what `stm predict` uses."""
     from stm_defects.mlops.tracking import list_models
 
     rows = list_models(_experiment())
@@ -410,6 +522,10 @@ def list_models_cmd():
         typer.echo("no registered models yet (run `make run`)")
         return
     for r in rows:
+        if r["model"] == "stm-set":
+            members = " ".join(f"{k} v{v}" for k, v in r.get("members", {}).items())
+            typer.echo(f"{r['model']:11s} v{r['version']:<3d} {r['stage']:10s} {members}")
+            continue
         keys = [k for k in r["metrics"] if k.endswith(("best_val_loss", "silhouette", "bic", "_k"))][:4]
         metrics = "  ".join(f"{k}={r['metrics'][k]:.4g}" for k in keys)
         built = f" on ae1 v{r['ae1_version']}" if r["ae1_version"] else ""

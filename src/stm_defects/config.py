@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from stm_defects.errors import ConfigError
-from stm_defects.schema import build, deep_merge
+from stm_defects.schema import build, check_value, deep_merge
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ def resolve(raw: dict, where: str = "params.yaml", profile: str | None = None) -
     unknown = sorted(set(merged) - top)
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; allowed: {sorted(top)}")
-    kwargs = {"seed": int(merged.get("seed", 0)), "profile": name}
+    kwargs = {"seed": check_value(merged.get("seed", 0), int, f"{where}:seed"), "profile": name}
     for key, cls in types.items():
         kwargs[key] = build(cls, merged.get(key), f"{where}:{key}")
     return Params(**kwargs)

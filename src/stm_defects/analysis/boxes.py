@@ -44,6 +44,7 @@ __all__ = [
     "markdown_table",
     "match_boxes",
     "pair_by_image",
+    "pooled_counts",
     "score_boxes",
     "score_scan",
 ]
@@ -282,7 +283,9 @@ def _prf_arrays(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     return np.stack([prec, rec, f1], axis=-1)
 
 
-def _pooled(rows: list[dict], n_boot: int, rng: np.random.Generator) -> dict:
+def pooled_counts(rows: list[dict], n_boot: int, rng: np.random.Generator) -> dict:
+    """Pooled P/R/F1 of per-scan ``tp``/``fp``/``fn`` counts, with 95% percentile-bootstrap
+    intervals (``<key>_ci``) over ``n_boot`` resamples of whole scans."""
     counts = np.array([[r["tp"], r["fp"], r["fn"]] for r in rows], dtype=np.int64).reshape(-1, 3)
     tp, fp, fn = (int(v) for v in counts.sum(axis=0))
     out: dict[str, Any] = {
@@ -338,7 +341,7 @@ def score_boxes(
     if n_boot < 0:
         raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     per_scan = [score_scan(p, t, slack_px) for p, t in pairs]
-    overall = _pooled(per_scan, n_boot, np.random.default_rng(seed))
+    overall = pooled_counts(per_scan, n_boot, np.random.default_rng(seed))
 
     bins = []
     for k, (lo, hi) in enumerate(pairwise(edges)):
@@ -346,7 +349,7 @@ def score_boxes(
             s for s in per_scan
             if (lo < s["field_nm"] <= hi) or (k == 0 and s["field_nm"] == lo)
         ]
-        pooled = _pooled(inside, n_boot, np.random.default_rng([seed, k + 1]))
+        pooled = pooled_counts(inside, n_boot, np.random.default_rng([seed, k + 1]))
         bins.append({"label": bin_label(lo, hi), "lo_nm": lo, "hi_nm": hi, **pooled})
 
     tl: list = []

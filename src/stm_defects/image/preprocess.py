@@ -40,6 +40,17 @@ class PreprocessConfig:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)  # robust normalisation to [0, 1]
     target_pixel_nm: float | None = None  # resample to this pixel size when known
 
+    def __post_init__(self):
+        t = self.target_pixel_nm
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ValueError(f"target_pixel_nm must be a positive number of nm (or null), not {t!r}")
+        if self.plane_order not in (0, 1, 2):
+            raise ValueError(f"plane_order must be 0, 1 or 2, not {self.plane_order!r}")
+        low, high = self.clip_percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"clip_percentiles must be two percentiles, low < high, in [0, 100], "
+                             f"not {list(self.clip_percentiles)}")
+
 
 def _check_image(img) -> np.ndarray:
     a = np.asarray(img)

@@ -22,7 +22,8 @@ def data_version(path: str | Path) -> str:
 
 
 def lineage_tags(tracker, upstream: dict, data: str | Path) -> dict:
-    """Tags naming the data version and the registered versions a model was built on."""
+    """Tags naming the data version and the registered versions a model was built on (`<key>_version`:
+    the version whose file hash is the upstream file's, preferring one of this pipeline run)."""
     tags = {"data_version": data_version(data)}
     if not tracker.enabled:
         return tags
@@ -30,5 +31,5 @@ def lineage_tags(tracker, upstream: dict, data: str | Path) -> dict:
 
     for key, path in upstream.items():
         if path is not None:
-            tags[f"{key}_version"] = version_by_sha(key, file_sha256(path))
+            tags[f"{key}_version"] = version_by_sha(key, file_sha256(path), tracker.parent_id)
     return tags

@@ -46,8 +46,14 @@ def _progress_factory(enabled: bool):
 
 
 def run_stage(name: str, params: Params, root: Path, *, raw: Path | None = None, track: bool = True,
-              show_progress: bool = True) -> dict:
-    """Run stage `name` of the DAG with `params`, paths under `root`; returns its metrics."""
+              show_progress: bool = True, pipeline: str | None = None) -> dict:
+    """Run stage `name` of the DAG with `params`, paths under `root`; returns its metrics.
+
+    Tracked, the stage is a nested run of its pipeline run (`pipeline`: the pipeline's key, else
+    STM_PIPELINE_RUN; see `tracking.pipeline_base`). Before the stage, the registered versions of the
+    model files it reads are recorded on the pipeline run (`Tracker.use`); after it, the pipeline's
+    model set is registered if this stage completed it (`Tracker.register_set_if_complete`).
+    """
     from stm_defects.mlops.tracking import Tracker
 
     st = stage(name)
@@ -55,9 +61,11 @@ def run_stage(name: str, params: Params, root: Path, *, raw: Path | None = None,
     fn = getattr(importlib.import_module(module), func)
     deps, outs = stage_paths(st, Path(root), raw)
     scoped = ScopedParams(params, st.params, st.name)
-    with Tracker(params, st.name, enabled=track) as tracker:
+    with Tracker(params, st.name, enabled=track, pipeline=pipeline) as tracker:
         tracker.stage_params(st.params)
+        tracker.use(deps)
         metrics = fn(scoped, deps, outs, tracker, _progress_factory(show_progress))
+        tracker.register_set_if_complete()
     return metrics
 
 

@@ -28,11 +28,14 @@ def trial_logger(tracker) -> LogTrial | None:
     """
     if tracker is None or not getattr(tracker, "enabled", False) or tracker.mlflow is None:
         return None
+    from stm_defects.mlops.tracking import process_tags
+
     mlflow = tracker.mlflow
+    alive = process_tags()          # a trial left RUNNING by a killed process is marked FAILED later
 
     def log_trial(params: Mapping, metrics: Mapping, step_metrics: Mapping | None = None, *,
                   name: str | None = None, tags: Mapping | None = None) -> None:
-        run_tags = {"kind": "trial", "stage": tracker.stage,
+        run_tags = {"kind": "trial", "stage": tracker.stage, **alive,
                     **{k: str(v) for k, v in (tags or {}).items()}}
         with mlflow.start_run(run_name=name, nested=True, parent_run_id=tracker.run_id, tags=run_tags):
             if params:
