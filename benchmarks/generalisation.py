@@ -41,8 +41,8 @@ def conditions(family: str, seed: int) -> dict:
     }
 
 
-def one_scan(args: tuple[str, int]) -> dict:
-    family, seed = args
+def one_scan(args: tuple[str, int, str | None]) -> dict:
+    family, seed, params = args
     from stm_defects.analysis.dispatch import PredictConfig, analyse
     from stm_defects.analysis.scores import assign_feasible
     from stm_defects.data.lattices import lattice_scan
@@ -51,7 +51,12 @@ def one_scan(args: tuple[str, int]) -> dict:
 
     c = conditions(family, seed)
     px = c["pixel_nm"]
-    cfg = PredictConfig()
+    if params:
+        from stm_defects.config import load_params, predict_config
+
+        cfg = predict_config(load_params(params))
+    else:
+        cfg = PredictConfig()
     s = lattice_scan(family, size=c["size"], pixel_nm=px, n_defects=c["n_defects"], snr=c["snr"],
                      seed=seed, n_steps=c["n_steps"])
     img, scale = preprocess(s.height, px, cfg.preprocess)
@@ -103,8 +108,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="scans per family")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md")
+    ap.add_argument("--params", default=None, help="a params.yaml whose prediction config to use "
+                                                    "(default: the library defaults, equal to the project's)")
     args = ap.parse_args()
-    jobs = [(f, SPLIT_SEED[args.split] + i) for f in LATTICES for i in range(args.n)]
+    jobs = [(f, SPLIT_SEED[args.split] + i, args.params) for f in LATTICES for i in range(args.n)]
     from tqdm import tqdm
 
     with ProcessPoolExecutor(args.workers) as pool:
