@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm, preprocess_scan
-from stm_defects.analysis.render import character_picture, class_picture, overlay
-from stm_defects.io.files import describe_os_error, save_png, write_csv, write_json
+from stm_defects.analysis.render import character_picture, class_picture, overlay_image
+from stm_defects.io.files import atomic_file, describe_os_error, save_png, write_csv, write_json
 from stm_defects.io.scans import Scan, ScanError, read_scan, require_min_size
 from stm_defects.results import Analysis, Models
 
@@ -33,12 +33,14 @@ STAGES = ("read", "analyse", "write")
 
 #: Peak resident memory of `stm predict` (default profile, one scan) is about
 #: ``PREDICT_BASE_BYTES + PREDICT_BYTES_PER_PIXEL * pixels``: a straight line through the peak RSS
-#: of the whole process measured on synthetic 1024x1024 (556 MiB) and 2048x2048 (981 MiB) scans
-#: at 0.1 nm/px (the analysis' working pixel size, so nothing is resampled away). The base is
-#: mostly the imports (torch) and the models. A 4096x4096 scan peaked at 2.40 GiB, where the line
-#: says 2.62 GiB: the estimate errs on the high side. See `predict_memory_bytes`.
-PREDICT_BASE_BYTES = 434_000_000
-PREDICT_BYTES_PER_PIXEL = 142
+#: of the whole process measured on synthetic 1024x1024 (499 MiB) and 4096x4096 (1813 MiB, 1.90 GB)
+#: scans at 0.1 nm/px (the analysis' working pixel size, so nothing is resampled away;
+#: `benchmarks/bench_memory.py`). The base is mostly the imports (torch) and the models. A
+#: 2048x2048 scan peaked at 752 MiB, where the line says 762 MiB: the estimate errs on the high
+#: side. The largest single step is the plane fit of `image.preprocess.level_plane` (its exact
+#: least squares on every pixel). See `predict_memory_bytes`.
+PREDICT_BASE_BYTES = 432_000_000
+PREDICT_BYTES_PER_PIXEL = 88
 
 #: The default pixel limit of `stm predict --max-pixels`: 4096 x 4096.
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -130,7 +132,7 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
     img, _, result, defects = analysed
     stem = path.stem if path.suffix.lower() != ".z_mtrx" else f"{path.stem}_{scan.direction.replace('/', '-')}"
     local = [dict(r, name=d["name"]) for r, d in zip(result.regions, defects)]
-    save_png(out / f"{stem}_overlay.png", overlay(img, local))
+    _save_picture(out / f"{stem}_overlay.png", overlay_image(img, local))
     save_png(out / f"{stem}_classes.png", class_picture(img, result.class_map))
     save_png(out / f"{stem}_character.png", character_picture(result.char_map))
     write_json(out / f"{stem}.json", {
@@ -147,6 +149,13 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
     area_nm2 = (scan.height.size * scan.pixel_nm ** 2) if scan.pixel_nm else None
     return {"scan": str(path), "stem": stem, "n_defects": len(defects), "counts": dict(counts),
             "area_nm2": area_nm2, "pixel_nm": scan.pixel_nm}
+
+
+def _save_picture(path: Path, picture) -> None:
+    """A PIL image as PNG, atomically: what `save_png` writes for its pixels, without first
+    copying the (upscaled) picture into a numpy array and back."""
+    with atomic_file(path, "wb") as fh:
+        picture.save(fh, format="PNG")
 
 
 # ------------------------------------------------------------------------------------ batches

@@ -66,11 +66,52 @@ _robust_std = robust_sigma
 
 def _poly_design(shape: tuple[int, int], order: int) -> np.ndarray:
     """Polynomial terms x^i y^j (i + j <= order) on coordinates scaled to [-1, 1]; (H*W, n_terms)."""
+    return _design_rows(shape, order, 0, shape[0])
+
+
+def _design_rows(shape: tuple[int, int], order: int, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` of the image of `_poly_design` (the same numbers), (n_pixels, n_terms)."""
     h, w = shape
-    y = np.linspace(-1.0, 1.0, h)[:, None] * np.ones((1, w))  # (H, W)
-    x = np.ones((h, 1)) * np.linspace(-1.0, 1.0, w)[None, :]  # (H, W)
+    y = np.linspace(-1.0, 1.0, h)[r0:r1, None] * np.ones((1, w))  # (r1 - r0, W)
+    x = np.ones((r1 - r0, 1)) * np.linspace(-1.0, 1.0, w)[None, :]  # (r1 - r0, W)
     terms = [x**i * y**j for d in range(order + 1) for j in range(d + 1) for i in [d - j]]
     return np.stack([t.ravel() for t in terms], axis=1)
+
+
+_PLANE_BLOCK_PX = 1 << 16   # pixels per block of the design matrix (1.5 MiB for a plane)
+
+
+def _plane_blocks(shape: tuple[int, int]):
+    """Row ranges of about `_PLANE_BLOCK_PX` pixels, in a multiple of 8 rows (so every block but
+    the last holds a multiple of 8 design rows)."""
+    h, w = shape
+    rows = max(8, _PLANE_BLOCK_PX // max(w, 1) // 8 * 8)
+    for r0 in range(0, h, rows):
+        yield r0, min(h, r0 + rows)
+
+
+def _masked_design(shape: tuple[int, int], order: int, mask: np.ndarray | None) -> np.ndarray:
+    """``_poly_design(shape, order)[mask]`` (all rows for None), built block by block."""
+    w = shape[1]
+    n = shape[0] * w if mask is None else int(np.count_nonzero(mask))
+    out = np.empty((n, _n_terms(order)), np.float64)
+    k = 0
+    for r0, r1 in _plane_blocks(shape):
+        A = _design_rows(shape, order, r0, r1)
+        if mask is not None:
+            A = A[mask[r0 * w:r1 * w]]
+        out[k:k + len(A)] = A
+        k += len(A)
+    return out
+
+
+def _plane_residual(z: np.ndarray, shape: tuple[int, int], order: int, coef: np.ndarray) -> np.ndarray:
+    """``z - _poly_design(shape, order) @ coef``, computed block by block (float64, (H*W,))."""
+    w = shape[1]
+    out = np.empty(z.shape, np.float64)
+    for r0, r1 in _plane_blocks(shape):
+        np.subtract(z[r0 * w:r1 * w], _design_rows(shape, order, r0, r1) @ coef, out=out[r0 * w:r1 * w])
+    return out
 
 
 def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.5) -> np.ndarray:
@@ -79,28 +120,39 @@ def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.
     The fit is iterated: after each fit, pixels whose |residual| exceeds
     ``clip_sigma`` robust standard deviations are excluded from the next fit, so
     defects, adsorbates and step edges do not bias the background.
+
+    Memory: the (pixels x terms) design matrix is never held whole: each fit builds only the
+    rows of the pixels it uses, and residuals are computed in blocks of rows.
     """
     a = _check_image(img)
     if order not in (0, 1, 2):
         raise ValueError(f"order must be 0, 1 or 2, got {order}")
-    z = a.astype(np.float64).ravel()  # (H*W,)
     if order == 0:
         return a.astype(np.float32, copy=True)
-    A = _poly_design(a.shape, order)  # (H*W, n_terms)
+    z = np.asarray(a, dtype=np.float64).ravel()  # (H*W,); a view when the image is float64
     mask = np.ones(z.shape, dtype=bool)
     # floor for the clipping scale, so a noise-free background does not exclude everything
     floor = 1e-9 * max(float(np.ptp(z)), np.finfo(np.float64).tiny)
-    coef = np.linalg.lstsq(A, z, rcond=None)[0]
+    coef = np.linalg.lstsq(_masked_design(a.shape, order, None), z, rcond=None)[0]
     for _ in range(max(0, iterations)):
-        resid = z - A @ coef
-        centre = float(np.median(resid[mask]))
-        sigma = max(_robust_std(resid[mask]), floor)
-        new_mask = np.abs(resid - centre) <= clip_sigma * sigma
-        if new_mask.sum() < 4 * A.shape[1] or np.array_equal(new_mask, mask):
+        resid = _plane_residual(z, a.shape, order, coef)
+        rm = resid[mask]
+        centre = float(np.median(rm))
+        sigma = max(_robust_std(rm), floor)
+        del rm
+        np.subtract(resid, centre, out=resid)
+        np.abs(resid, out=resid)
+        new_mask = resid <= clip_sigma * sigma
+        del resid
+        if new_mask.sum() < 4 * _n_terms(order) or np.array_equal(new_mask, mask):
             break
         mask = new_mask
-        coef = np.linalg.lstsq(A[mask], z[mask], rcond=None)[0]
-    return (z - A @ coef).reshape(a.shape).astype(np.float32)
+        coef = np.linalg.lstsq(_masked_design(a.shape, order, mask), z[mask], rcond=None)[0]
+    return _plane_residual(z, a.shape, order, coef).reshape(a.shape).astype(np.float32)
+
+
+def _n_terms(order: int) -> int:
+    return (order + 1) * (order + 2) // 2
 
 
 def align_rows(img) -> np.ndarray:
@@ -123,20 +175,33 @@ def remove_scars(img, k: float = 5.0, min_length: int = 8) -> np.ndarray:
     a = np.asarray(img, dtype=np.float32)
     if not min_length:
         return a.copy()
-    p = np.pad(a, ((3, 3), (0, 0)), mode="edge")
-    stack = np.stack([p[i:i + a.shape[0]] for i in range(7)])
-    med = np.partition(stack, 3, axis=0)[3]
+    med = _column_median7(a)
     d = a - med
     s = robust_location_scale(d[::2, ::2])[1]
-    cand = np.abs(d) > k * s
+    np.abs(d, out=d)
+    cand = d > k * s
     cand = ndimage.binary_opening(cand, structure=np.ones((1, int(min_length)), bool))
     if not cand.any():
         return a.copy()
     # one row up/down too, so the faint shoulder rows of a thick scar go as well
-    cand = ndimage.binary_dilation(cand, structure=np.ones((3, 1), bool)) & (np.abs(d) > 0.5 * k * s)
+    cand = ndimage.binary_dilation(cand, structure=np.ones((3, 1), bool)) & (d > 0.5 * k * s)
+    del d
     out = a.copy()
     out[cand] = med[cand]
     return out
+
+
+def _column_median7(a: np.ndarray, block: int = 256) -> np.ndarray:
+    """Median of each pixel's column over rows -3..+3 (edge rows repeated), in row blocks."""
+    h = a.shape[0]
+    med = np.empty_like(a)
+    for r0 in range(0, h, block):
+        r1 = min(h, r0 + block)
+        rows = np.clip(np.arange(r0 - 3, r1 + 3), 0, h - 1)
+        p = a[rows]
+        stack = np.stack([p[i:i + r1 - r0] for i in range(7)])
+        med[r0:r1] = np.partition(stack, 3, axis=0)[3]
+    return med
 
 
 def normalize(img, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -145,7 +210,10 @@ def normalize(img, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     lo, hi = np.percentile(a, [low, high])
     if not hi > lo:
         return np.zeros(a.shape, dtype=np.float32)
-    return ((np.clip(a, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    out = np.clip(a, lo, hi)
+    out -= lo
+    out /= hi - lo
+    return out.astype(np.float32)
 
 
 def resampled_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -86,31 +86,56 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     pad = int(cfg.notch_pad)
     h, w = r.shape
     rp = np.pad(r, pad, mode="reflect") if pad else r
+    shape = rp.shape
     F = np.fft.rfft2(rp)
-    P = np.log(np.abs(F) ** 2 + 1e-20)
+    del rp
+    # in place where it gives the same numbers: temporaries are spectrum-sized
+    P = np.abs(F)
+    np.square(P, out=P)
+    P += 1e-20
+    np.log(P, out=P)
     # rfft2 halves the last axis: shift rows so the median window sees a contiguous spectrum
     Ps = np.fft.fftshift(P, axes=0)
+    del P
     bg = ndi.uniform_filter(Ps, size=cfg.notch_window, mode="nearest")
-    peaks = np.fft.ifftshift(Ps - bg > cfg.notch_k, axes=0)
-    fy = np.fft.fftfreq(rp.shape[0])[:, None]
-    fx = np.fft.rfftfreq(rp.shape[1])[None, :]
-    peaks &= np.hypot(fy, fx) >= cfg.min_freq
+    Ps -= bg
+    del bg
+    peaks = np.fft.ifftshift(Ps > cfg.notch_k, axes=0)
+    del Ps
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    for i in range(0, shape[0], 256):   # row blocks: no spectrum-sized float64 radius
+        peaks[i:i + 256] &= np.hypot(fy[i:i + 256], fx) >= cfg.min_freq
     if cfg.notch_radius:
         peaks = ndi.binary_dilation(peaks, iterations=int(cfg.notch_radius))
-    keep = 1.0 - ndi.gaussian_filter(peaks.astype(np.float32), 0.7)
-    keep = np.clip(keep, 0.0, 1.0)
+    keep = ndi.gaussian_filter(peaks.astype(np.float32), 0.7)
+    del peaks
+    np.subtract(1.0, keep, out=keep)
+    np.clip(keep, 0.0, 1.0, out=keep)
     keep[0, 0] = 1.0
-    clean = np.fft.irfft2(F * keep, s=rp.shape)[pad:pad + h, pad:pad + w].astype(np.float32)
-    return clean, (r - clean).astype(np.float32)
+    F *= keep
+    del keep
+    full = np.fft.irfft2(F, s=shape)
+    del F
+    clean = full[pad:pad + h, pad:pad + w].astype(np.float32)
+    del full
+    lat = r - clean
+    return clean, lat.astype(np.float32, copy=False)
 
 
 def _line_noise(dev: np.ndarray, valid: np.ndarray, axis: int, smooth: int, min_px: int) -> np.ndarray:
     """Robust std of ``dev`` along each scan line (rows: axis=1), median-smoothed over
     ``smooth`` neighbouring lines; 0 (no line estimate) for lines with fewer than ``min_px``
     or than half their pixels valid: on short lines a defect is a large part of the sample."""
+    a = np.abs(dev)
+    a[~valid] = np.nan
+    return _line_noise_abs(a, valid, axis, smooth, min_px)
+
+
+def _line_noise_abs(a: np.ndarray, valid: np.ndarray, axis: int, smooth: int, min_px: int) -> np.ndarray:
+    """`_line_noise` of ``a`` = |dev|, NaN where not ``valid``."""
     import warnings
 
-    a = np.where(valid, np.abs(dev), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN lines
         s = np.nanmedian(a, axis=axis) * 1.4826
@@ -134,19 +159,30 @@ def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0
     """
     out = np.zeros(residual.shape, np.float32)
     ratio = np.ones(residual.shape, np.float32) if line_smooth else None
+    invalid = ~valid
     for s in scales:
         g = ndi.gaussian_filter(residual, s)
-        v = g[valid][::3]
-        dev = g - np.median(v)
-        z = np.abs(dev) / max(_robust_std(v), floor)
+        v = g[valid][::3].copy()
+        g -= np.median(v)                 # g is now the deviation from the median
+        sd = _robust_std(v)
+        del v
+        np.abs(g, out=g)                  # |deviation|
+        z = g / max(sd, floor)
         if ratio is not None:
-            noise = max(_robust_std(v), floor, 1e-12)
-            lines = np.maximum(_line_noise(dev, valid, 1, line_smooth, line_min_px)[:, None],
-                               _line_noise(dev, valid, 0, line_smooth, line_min_px)[None, :]) / noise
+            noise = max(sd, floor, 1e-12)
+            g[invalid] = np.nan
+            lines = np.maximum(_line_noise_abs(g, valid, 1, line_smooth, line_min_px)[:, None],
+                               _line_noise_abs(g, valid, 0, line_smooth, line_min_px)[None, :])
+        del g
+        if ratio is not None:
+            lines /= noise
+            np.maximum(lines, 1.0, out=lines)
             better = z > out
-            ratio[better] = np.maximum(lines, 1.0)[better]
+            np.copyto(ratio, lines, where=better)
+            del lines, better
         np.maximum(out, z, out=out)
-    out[~valid] = 0.0
+        del z
+    out[invalid] = 0.0
     return out, ratio
 
 
@@ -180,30 +216,37 @@ def _merge(peaks: np.ndarray, vals: np.ndarray, dist: float) -> np.ndarray:
 
 
 def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyResult:
+    # Memory: image-sized intermediates are dropped (del) as soon as they are used up and
+    # computed in place where that gives the same numbers, so a large scan holds few at once.
     z = remove_scars(img01, cfg.steps.scar_k, cfg.steps.scar_min_length)
     # steps are found on the image without its lattice, whatever the lattice and pixel size
-    _, lat0 = lattice_notch(z - float(np.mean(z)), cfg)
-    terr = detect_steps(z - lat0, cfg.steps)
+    lat0 = lattice_notch(z - float(np.mean(z)), cfg)[1]
+    np.subtract(z, lat0, out=lat0)
+    terr = detect_steps(lat0, cfg.steps)
+    del lat0
     lev = level_terraces(z, terr)
+    del z
     valid = ~terr.band
     b = cfg.border
     if b:
         valid[:b] = valid[-b:] = False
         valid[:, :b] = valid[:, -b:] = False
-    bg = terrace_background(lev, terr, cfg.background_sigma)
-    r = np.where(terr.band, 0.0, lev - bg).astype(np.float32)
+    r = _terrace_residual(lev, terr, cfg.background_sigma)
     clean, lat = lattice_notch(r, cfg)
-    prof = step_profile(clean, terr, None, cfg.profile_dist, cfg.profile_tile)
+    del r
+    clean -= step_profile(clean, terr, None, cfg.profile_dist, cfg.profile_tile)
     # second pass: background and step profile without the defects found by a first score
-    s0 = score_map(clean - prof, valid, cfg.scales)
+    s0 = score_map(clean, valid, cfg.scales)
+    del clean
     w = (s0 < cfg.low_threshold).astype(np.float32)
+    del s0
     if cfg.row_median:   # scan-line offsets left by the row alignment (thin dark/bright stripes)
         offs = _row_offsets(lev - lat, valid & (w > 0))
         lev = lev - offs[:, None]
-    bg = terrace_background(lev, terr, cfg.background_sigma, weight=w)
-    r = np.where(terr.band, 0.0, lev - bg).astype(np.float32)
-    clean = (r - lat).astype(np.float32)
+    clean = _terrace_residual(lev, terr, cfg.background_sigma, weight=w)
+    clean -= lat
     clean -= step_profile(clean, terr, w, cfg.profile_dist, cfg.profile_tile)
+    del w
     clean[terr.band] = 0.0
     floor = cfg.lattice_floor * float(np.std(lat[valid][::3])) if cfg.lattice_floor else 0.0
     score, ratio = score_maps(clean, valid, cfg.scales, floor, cfg.line_noise,
@@ -215,23 +258,37 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
         pk = pk[valid[pk[:, 0], pk[:, 1]]]
     if len(pk) and ratio is not None:   # ... and above the threshold of its own scan lines
         pk = pk[score[pk[:, 0], pk[:, 1]] >= cfg.threshold * ratio[pk[:, 0], pk[:, 1]]]
+    del ratio, valid
     vals = score[pk[:, 0], pk[:, 1]] if len(pk) else np.zeros(0)
     if len(pk):
         keep = _merge(pk.astype(float), vals, cfg.merge_distance)
         pk, vals = pk[keep], vals[keep]
-    low = score > cfg.low_threshold
-    lab = label(low, connectivity=2)
-    # pixels of each component go to their nearest peak (Voronoi split of touching defects)
+    mask, regions = _regions(score, clean, pk, vals, cfg)
+    return AnomalyResult(score, clean, lev, lat, terr, mask, regions)
+
+
+def _terrace_residual(lev: np.ndarray, terr: Terraces, sigma: float, weight=None) -> np.ndarray:
+    """``lev`` minus its terrace background, 0 on the step band (float32)."""
+    r = terrace_background(lev, terr, sigma, weight=weight)
+    np.subtract(lev, r, out=r)
+    r[terr.band] = 0.0
+    return r
+
+
+def _regions(score: np.ndarray, clean: np.ndarray, pk: np.ndarray, vals: np.ndarray,
+             cfg: AnomalyConfig) -> tuple[np.ndarray, list[dict]]:
+    """(mask, regions) of the kept peaks ``pk``: each gets the pixels of its score > low_threshold
+    component that are nearer to it than to any other peak, and a score-weighted centre."""
     mask = np.zeros(score.shape, bool)
     regions = []
     h, w_ = score.shape
-    sm = ndi.gaussian_filter(clean, 2.0)
     rc = cfg.centre_radius
     if len(pk):
-        seeds = np.zeros(score.shape, np.int32)
-        seeds[pk[:, 0], pk[:, 1]] = np.arange(1, len(pk) + 1)
-        _, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-        owner = seeds[iy, ix]
+        lab = label(score > cfg.low_threshold, connectivity=2)
+        boxes = ndi.find_objects(lab)
+        sign = np.sign(ndi.gaussian_filter(clean, 2.0)[pk[:, 0], pk[:, 1]])
+        # pixels of each component go to their nearest peak (Voronoi split of touching defects)
+        owner = _owner(score.shape, pk)
         own_comp = lab[pk[:, 0], pk[:, 1]]
         for i, (y, x) in enumerate(pk):
             y0, y1 = max(0, y - rc), min(h, y + rc + 1)
@@ -244,16 +301,29 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
                 yy, xx = np.mgrid[y0:y1, x0:x1]
                 cy = float((wts * yy).sum() / wts.sum())
                 cx = float((wts * xx).sum() / wts.sum())
-            reg = (lab == own_comp[i]) & (owner == i + 1)
-            # keep the region compact: within 3 * merge_distance of the peak
+            c = int(own_comp[i])
+            # the component's bounding box holds all of it (the whole scan for no component)
+            box = boxes[c - 1] if c > 0 else (slice(0, h), slice(0, w_))
+            reg = (lab[box] == c) & (owner[box] == i + 1)
             ys, xs = np.nonzero(reg)
+            ys += box[0].start
+            xs += box[1].start
             mask[ys, xs] = True
             regions.append({
                 "x": cx, "y": cy,
                 "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                 "area_px": len(ys), "score": float(vals[i]),
-                "peak": [int(y), int(x)], "sign": float(np.sign(sm[y, x])),
+                "peak": [int(y), int(x)], "sign": float(sign[i]),
             })
     regions.sort(key=lambda d: (d["y"], d["x"]))
     regions = [{"id": i, **d} for i, d in enumerate(regions)]
-    return AnomalyResult(score, clean, lev, lat, terr, mask, regions)
+    return mask, regions
+
+
+def _owner(shape: tuple[int, int], pk: np.ndarray) -> np.ndarray:
+    """(H, W) int32: 1 + index of the peak of ``pk`` nearest to each pixel (Euclidean; ties as
+    `scipy.ndimage.distance_transform_edt` breaks them)."""
+    seeds = np.zeros(shape, np.int32)
+    seeds[pk[:, 0], pk[:, 1]] = np.arange(1, len(pk) + 1)
+    iy, ix = ndi.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
+    return seeds[iy, ix]

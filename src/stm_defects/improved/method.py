@@ -118,13 +118,19 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
                             "class": None if c is None else int(c),
                             "probability": None if p is None else float(p),
                             "row_angle_deg": float(np.degrees(a))})
-    class_map = np.full(res.mask.shape, -1, np.int64)
     if regions and classes is not None:
         owner = _region_owner(res)
         cls = np.array([-1] + [r["class"] for r in regions], np.int64)
         class_map = cls[owner]
-    char_map = np.where(res.terraces.band, -1, res.terraces.labels).astype(np.int64)
-    score, mask = res.score.astype(np.float32), res.mask
+        del owner
+    else:
+        class_map = np.full(res.mask.shape, -1, np.int64)
+    band, labels = res.terraces.band, res.terraces.labels
+    score, mask = res.score.astype(np.float32, copy=False), res.mask
+    del res   # the detector's other maps are no longer needed
+    char_map = labels.astype(np.int64)
+    char_map[band] = -1
+    del band, labels
     if k < 1.0:   # back to the img01 grid
         shape = img01.shape
         char_map, class_map = _map_back(char_map, shape, 0), _map_back(class_map, shape, 0)
@@ -150,5 +156,8 @@ def _region_owner(res: AnomalyResult) -> np.ndarray:
     for i, r in enumerate(res.regions):
         y, x = r["peak"]
         seeds[y, x] = i + 1
-    _, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    return np.where(res.mask, seeds[iy, ix], 0)
+    iy, ix = ndi.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
+    owner = seeds[iy, ix]
+    del iy, ix
+    owner[~res.mask] = 0
+    return owner

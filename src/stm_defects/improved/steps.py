@@ -61,10 +61,43 @@ class Terraces:
     labels: np.ndarray   # (H, W) int32, terrace 0..n-1 of every pixel (nearest terrace in the band)
     n: int
     dist: np.ndarray     # (H, W) float32 distance to the nearest step-line pixel (inf: no steps)
-    nearest: tuple       # (iy, ix) of that pixel, or None without steps
+    nearest: tuple       # (iy, ix) of that pixel (int16 when the sides allow, else int32), or
+                         # None without steps
 
 
 _robust = robust_location_scale
+
+_BLOCK_ROWS = 256   # rows per block where an image-sized float64 temporary is worked in pieces
+
+
+def _nearest_zero(mask: np.ndarray) -> np.ndarray:
+    """(2, H, W) int32: (row, col) of the nearest False pixel of ``mask``, as
+    `scipy.ndimage.distance_transform_edt` gives them (without its float64 distances)."""
+    return ndi.distance_transform_edt(mask, return_distances=False, return_indices=True)
+
+
+def _distances(ft: np.ndarray) -> np.ndarray:
+    """(H, W) float32 Euclidean distance from each pixel to the pixel ``ft`` points to: the
+    distances `scipy.ndimage.distance_transform_edt` computes (float64), worked in row blocks."""
+    h, w = ft.shape[1:]
+    out = np.empty((h, w), np.float32)
+    cols = np.arange(w, dtype=ft.dtype)[None, :]
+    for i0 in range(0, h, _BLOCK_ROWS):
+        i1 = min(h, i0 + _BLOCK_ROWS)
+        dy = (ft[0, i0:i1] - np.arange(i0, i1, dtype=ft.dtype)[:, None]).astype(np.float64)
+        dx = (ft[1, i0:i1] - cols).astype(np.float64)
+        np.multiply(dy, dy, dy)
+        np.multiply(dx, dx, dx)
+        dy += dx
+        out[i0:i1] = np.sqrt(dy, out=dy)
+    return out
+
+
+def _compact_indices(ft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(iy, ix) of a feature transform, as int16 when the image's sides allow (half the memory)."""
+    if max(ft.shape[1:]) <= np.iinfo(np.int16).max:
+        return ft[0].astype(np.int16), ft[1].astype(np.int16)
+    return ft[0], ft[1]
 
 
 
@@ -93,23 +126,28 @@ def terrace_labels(edges: np.ndarray, cfg: StepConfig = StepConfig()) -> Terrace
         z = np.zeros(edges.shape, bool)
         return Terraces(edges, z, np.zeros(edges.shape, np.int32), 1,
                         np.full(edges.shape, np.inf, np.float32), None)
-    dist, nearest = ndi.distance_transform_edt(~edges, return_indices=True)
-    dist = dist.astype(np.float32)
+    ft = _nearest_zero(~edges)
+    dist = _distances(ft)
+    nearest = _compact_indices(ft)
+    del ft
     band = dist <= cfg.band_radius
     lab = label(~band, connectivity=1)
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     big = np.flatnonzero(sizes >= cfg.min_terrace_px)
     if big.size == 0:
-        return Terraces(edges, band, np.zeros(edges.shape, np.int32), 1, dist, tuple(nearest))
-    remap = np.full(sizes.size, -1, np.int64)
+        return Terraces(edges, band, np.zeros(edges.shape, np.int32), 1, dist, nearest)
+    remap = np.full(sizes.size, -1, np.int32)
     remap[big] = np.arange(big.size)
     t = remap[lab]
-    band = band | ((t < 0) & (lab > 0))   # slivers between step lines are step, not terrace
     unknown = t < 0
-    _, (iy, ix) = ndi.distance_transform_edt(unknown, return_indices=True)
-    t = t[iy, ix]
-    return Terraces(edges, band, t.astype(np.int32), int(big.size), dist, tuple(nearest))
+    band = band | (unknown & (lab > 0))   # slivers between step lines are step, not terrace
+    del lab
+    if unknown.any():
+        iy, ix = _nearest_zero(unknown)
+        del unknown
+        t = t[iy, ix]
+    return Terraces(edges, band, t, int(big.size), dist, nearest)
 
 
 def masked_smooth(a: np.ndarray, m: np.ndarray, sigma: float, factor: int = 4
@@ -124,10 +162,10 @@ def masked_smooth(a: np.ndarray, m: np.ndarray, sigma: float, factor: int = 4
     h, w = a.shape
     H, W = -(-h // f) * f, -(-w // f) * f
     am = np.zeros((H, W), np.float32)
-    mm = np.zeros((H, W), np.float32)
-    am[:h, :w] = a * m
-    mm[:h, :w] = m
+    np.multiply(a, m, out=am[:h, :w])
     am = am.reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+    mm = np.zeros((H, W), np.float32)
+    mm[:h, :w] = m
     mm = mm.reshape(H // f, f, W // f, f).mean(axis=(1, 3))
     s = max(float(np.sqrt(max(sigma ** 2 - (f ** 2 - 1) / 12.0, 0.25))) / f, 0.5)
     am = ndi.gaussian_filter(am, s, mode="nearest")
@@ -137,15 +175,33 @@ def masked_smooth(a: np.ndarray, m: np.ndarray, sigma: float, factor: int = 4
     return num, den
 
 
-def terrace_levels(img: np.ndarray, terr: Terraces, sigma: float, weight=None):
-    """Per terrace k: (local mean level of terrace k extrapolated everywhere, its support)."""
+def _terrace_base(terr: Terraces, weight=None) -> np.ndarray:
     base = (~terr.band).astype(np.float32)
     if weight is not None:
-        base = base * np.asarray(weight, np.float32)
-    levels, supports = [], []
+        base *= np.asarray(weight, np.float32)
+    return base
+
+
+def _iter_levels(img: np.ndarray, terr: Terraces, sigma: float, weight=None):
+    """Per terrace k, one at a time: (k, local mean level of terrace k extrapolated everywhere,
+    its support); a generator, so only one terrace's maps are alive at once."""
+    base = _terrace_base(terr, weight)
     for k in range(terr.n):
-        num, den = masked_smooth(img, base * (terr.labels == k), sigma)
-        levels.append(num / np.maximum(den, 1e-6))
+        m = terr.labels == k
+        m = np.multiply(base, m, dtype=np.float32)
+        num, den = masked_smooth(img, m, sigma)
+        del m
+        lvl = np.maximum(den, 1e-6)
+        np.divide(num, lvl, out=lvl)
+        del num
+        yield k, lvl, den
+
+
+def terrace_levels(img: np.ndarray, terr: Terraces, sigma: float, weight=None):
+    """Per terrace k: (local mean level of terrace k extrapolated everywhere, its support)."""
+    levels, supports = [], []
+    for _, lvl, den in _iter_levels(img, terr, sigma, weight):
+        levels.append(lvl)
         supports.append(den)
     return levels, supports
 
@@ -155,18 +211,27 @@ def terrace_background(img: np.ndarray, terr: Terraces, sigma: float, weight=Non
     terraces or step-band pixels.  ``weight`` (H, W) in [0, 1] down-weights pixels (defects)."""
     a = np.asarray(img, dtype=np.float32)
     if terr.n == 1:
-        base = (~terr.band).astype(np.float32)
-        if weight is not None:
-            base = base * np.asarray(weight, np.float32)
+        base = _terrace_base(terr, weight)
         num, den = masked_smooth(a, base, sigma)
         glob = float(np.sum(a * base) / max(base.sum(), 1e-6))
-        return np.where(den > 1e-3, num / np.maximum(den, 1e-6), glob).astype(np.float32)
-    levels, supports = terrace_levels(a, terr, sigma, weight)
-    lv = np.stack(levels)
-    out = np.take_along_axis(lv, terr.labels[None].astype(np.int64), 0)[0]
-    sup = np.take_along_axis(np.stack(supports), terr.labels[None].astype(np.int64), 0)[0]
+        del base
+        out = np.maximum(den, 1e-6)
+        np.divide(num, out, out=out)
+        out[~(den > 1e-3)] = glob
+        return out
+    # each pixel takes the level of its own terrace, terrace by terrace
+    out = np.zeros(a.shape, np.float32)
+    sup = np.zeros(a.shape, np.float32)
+    for k, lvl, den in _iter_levels(a, terr, sigma, weight):
+        sel = terr.labels == k
+        np.copyto(out, lvl, where=sel)
+        np.copyto(sup, den, where=sel)
+        del lvl, den, sel
     glob = float(np.median(a[~terr.band])) if (~terr.band).any() else 0.0
-    return np.where(sup > 1e-3, out, glob).astype(np.float32)
+    ok = sup > 1e-3
+    del sup
+    out[~ok] = glob
+    return out
 
 
 def refine_terraces(img: np.ndarray, terr: Terraces, cfg: StepConfig = StepConfig(),
@@ -178,10 +243,14 @@ def refine_terraces(img: np.ndarray, terr: Terraces, cfg: StepConfig = StepConfi
         return terr
     a = np.asarray(img, np.float32)
     zone = terr.dist <= cfg.refine_px
-    levels, supports = terrace_levels(a, terr, sigma)
+    lv = np.empty((terr.n, int(zone.sum())), np.float32)     # (n, Z)
+    sp = np.empty_like(lv)
+    for k, lvl, den in _iter_levels(a, terr, sigma):        # one terrace's maps at a time
+        lv[k], sp[k] = lvl[zone], den[zone]
+        del lvl, den
     s = ndi.gaussian_filter(a, cfg.refine_sigma)[zone]
-    lv = np.stack([lvl[zone] for lvl in levels])            # (n, Z)
-    ok = np.stack([sp[zone] for sp in supports]) > 0.02      # terraces near enough to compare
+    ok = sp > 0.02                                           # terraces near enough to compare
+    del sp
     d = np.where(ok, np.abs(lv - s[None]), np.inf)
     best = np.argmin(d, axis=0)
     dmin = d[best, np.arange(best.size)]
@@ -208,14 +277,16 @@ def level_terraces(img: np.ndarray, terr: Terraces, order: int = 1, iterations: 
     excluded (Gwyddion-style terrace levelling); fits use every ``subsample``-th pixel."""
     a = np.asarray(img, dtype=np.float32)
     h, w = a.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    yy = yy / max(h - 1, 1) * 2 - 1
-    xx = xx / max(w - 1, 1) * 2 - 1
+    # coordinates in [-1, 1], as a column and a row (the same float32 numbers as full grids)
+    yv = np.arange(h).astype(np.float32)[:, None] / max(h - 1, 1) * 2 - 1
+    xv = np.arange(w).astype(np.float32)[None, :] / max(w - 1, 1) * 2 - 1
+    xx, yy = np.broadcast_to(xv, (h, w)), np.broadcast_to(yv, (h, w))
     coefs = np.zeros((max(terr.n, 1), 3), np.float64)
     sub = np.zeros((h, w), bool)
     sub[::subsample, ::subsample] = True
     for k in range(terr.n):
-        sel = (terr.labels == k) & sub
+        sel = terr.labels == k
+        sel &= sub
         fit = sel & ~terr.band
         if fit.sum() < 16:
             fit = sel
@@ -235,8 +306,12 @@ def level_terraces(img: np.ndarray, terr: Terraces, order: int = 1, iterations: 
             ok = new
             coef = np.linalg.lstsq(A[ok], z[ok], rcond=None)[0]
         coefs[k, :coef.size] = coef
-    c = coefs[terr.labels]
-    return (a - (c[..., 0] + c[..., 1] * xx + c[..., 2] * yy)).astype(np.float32)
+    out = np.empty((h, w), np.float32)
+    for i0 in range(0, h, _BLOCK_ROWS):   # the float64 plane of each pixel's terrace, in row blocks
+        i1 = min(h, i0 + _BLOCK_ROWS)
+        c = coefs[terr.labels[i0:i1]]
+        out[i0:i1] = a[i0:i1] - (c[..., 0] + c[..., 1] * xv + c[..., 2] * yv[i0:i1])
+    return out
 
 
 def step_profile(resid: np.ndarray, terr: Terraces, weight=None, max_dist: int = 14,
@@ -258,7 +333,8 @@ def step_profile(resid: np.ndarray, terr: Terraces, weight=None, max_dist: int =
     h, w = r.shape
     nty, ntx = -(-h // tile), -(-w // tile)
     nd = max_dist + 1
-    key = (((iy[near] // tile) * ntx + ix[near] // tile) * max(terr.n, 1) + terr.labels[near]) * nd \
+    iy, ix = iy[near].astype(np.int64), ix[near].astype(np.int64)
+    key = (((iy // tile) * ntx + ix // tile) * max(terr.n, 1) + terr.labels[near]) * nd \
         + np.rint(terr.dist[near]).astype(np.int64)
     wt = np.ones(key.size) if weight is None else np.asarray(weight, np.float64)[near]
     n_keys = nty * ntx * max(terr.n, 1) * nd
