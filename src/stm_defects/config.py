@@ -89,6 +89,17 @@ class GMMParams:
 
 
 @dataclass(frozen=True)
+class SelectClusterersParams:
+    max_samples: int = 2000          # seeded subsample of each latent set (CPU budget)
+    eps_quantiles: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)   # DBSCAN eps: k-distance quantiles
+    min_samples: tuple[int, ...] = (3, 5, 10, 20)                   # DBSCAN and HDBSCAN
+    min_cluster_size: tuple[int, ...] = (10, 25, 50, 100)           # HDBSCAN
+    max_cluster_cv: float = 0.5      # a grid whose n_clusters varies more than this is unstable
+    max_noise: float = 0.2           # ... or whose median noise fraction is above this
+    truth_radius: float = 8.0        # px: a defect patch takes the class of a true defect this close
+
+
+@dataclass(frozen=True)
 class DetectorParams:
     method: str = "improved"         # improved (default profile) | paper (the report's pipeline)
 
@@ -134,6 +145,7 @@ class Params:
     ae2: Any
     ae2_train: Any
     gmm: GMMParams
+    select_clusterers: SelectClusterersParams
     evaluate: Any
     detector: DetectorParams
     improved: Any
@@ -197,7 +209,8 @@ def section_types() -> dict[str, type]:
         "scan_calibration": ScanCalibration, "prepare": PrepareParams,
         "ae1": AEConfig, "ae1_train": TrainConfig, "kmeans": KMeansParams, "maps": MapsConfig,
         "mask": MaskConfig, "defect_patches": DefectPatchConfig, "ae2": AEConfig,
-        "ae2_train": TrainConfig, "gmm": GMMParams, "evaluate": EvaluateConfig,
+        "ae2_train": TrainConfig, "gmm": GMMParams,
+        "select_clusterers": SelectClusterersParams, "evaluate": EvaluateConfig,
         "tracking": TrackingParams, "tune": TuneParams, "detector": DetectorParams,
         "improved": ImprovedConfig,
     }

@@ -75,6 +75,12 @@ STAGES: tuple[Stage, ...] = (
                 "ae1": "models/ae1/model.pt", "kmeans": "models/kmeans/kmeans.npz",
                 "calibration": "models/calibration.json"},
           outs={"model": "models/gmm"}, params=("seed", "gmm")),
+    Stage("select_clusterers", f"{S}.select:select_clusterers",
+          deps={"ae1": "models/ae1/model.pt", "patches": "data/prepared/train_patches.npz",
+                "ae2": "models/ae2/model.pt", "defects": "data/defects/patches.npz", "gmm": "models/gmm",
+                "raw": RAW, "manifest": "data/prepared/manifest.json"},
+          outs={"reports": "reports/select_clusterers"}, params=("seed", "kmeans", "select_clusterers"),
+          truth=True),
     Stage("fit_improved", f"{S}.improved:fit_improved",
           deps={"raw": RAW, "manifest": "data/prepared/manifest.json"}, outs={"model": "models/improved"},
           params=("seed", *PREDICT, "scan_calibration")),
@@ -90,7 +96,7 @@ STAGES: tuple[Stage, ...] = (
 
 METRICS = ("tuning/ae1/metrics.json", "models/ae1/metrics.json", "models/kmeans/metrics.json",
            "data/defects/metrics.json", "models/ae2/metrics.json", "models/gmm/metrics.json",
-           "models/improved/metrics.json")
+           "models/improved/metrics.json", "reports/select_clusterers/metrics.json")
 PLOTS = [
     {"AE1 loss": {"template": "linear", "x": "epoch",
                   "y": {"models/ae1/history.csv": ["train_loss", "val_loss"]}}},

@@ -130,3 +130,52 @@ def synth_montage(images: list[np.ndarray], truths: list[dict], titles: list[str
                    facecolors="none", edgecolors="cyan", linewidths=0.8)
         ax.set_title(title, fontsize=9)
     _save(fig, path, dpi=80)
+
+
+SELECTION_QUANTITIES = (("n_clusters", "number of clusters"), ("noise", "noise fraction"),
+                        ("silhouette", "silhouette"), ("davies_bouldin", "Davies-Bouldin"))
+
+
+def grid_heatmaps(rows: list[dict], x: str, y: str, title: str, path: Path) -> None:
+    """The report's four quantities over a 2-D grid (`x` by `y`, keys of `rows`), one panel each."""
+    import matplotlib.pyplot as plt
+
+    xs, ys = sorted({r[x] for r in rows}), sorted({r[y] for r in rows})
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (key, label) in zip(axes, SELECTION_QUANTITIES):
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for r in rows:
+            grid[ys.index(r[y]), xs.index(r[x])] = r[key]
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.0f}" if key == "n_clusters" else f"{v:.2f}", ha="center", va="center",
+                        fontsize=7, color="w")
+        ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
+        ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(y.replace("_", " "))
+        ax.set_title(label)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def cluster_sizes(labels: dict[str, np.ndarray], path: Path) -> None:
+    """Cluster-size histograms (points per cluster, largest first; noise as its own grey bar),
+    one panel per labelling."""
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
+    for ax, (name, lab) in zip(axes[0], labels.items()):
+        sizes = np.bincount(lab[lab >= 0]) if (lab >= 0).any() else np.zeros(0, int)
+        sizes = np.sort(sizes[sizes > 0])[::-1]
+        ax.bar(range(len(sizes)), sizes, color="C0")
+        if (lab < 0).any():
+            ax.bar([len(sizes)], [(lab < 0).sum()], color="grey", label="noise")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("cluster (by size)")
+        ax.set_ylabel("points")
+        ax.set_title(name, fontsize=9)
+    _save(fig, path)
