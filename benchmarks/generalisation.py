@@ -10,7 +10,7 @@ changing the detector; the `test` split (seeds 1,000,000 + i) is for reporting o
 ever chosen on it.
 
 A detection matches a true defect when its centre lies within the defect's radius + 2 px +
-0.3 nm, one-to-one (`analysis.scores.assign_feasible`). Reported per family and overall:
+0.3 nm, one-to-one (`analysis.scores.match_points`). Reported per family and overall:
 pooled precision, recall and F1 with 95% percentile-bootstrap intervals over scans
 (`analysis.boxes.pooled_counts`), plus false detections per 100 nm^2 on the defect-free
 scans of each family (one in ten scans has no defect). Writes `<out>.json` and `<out>.md`.
@@ -44,7 +44,7 @@ def conditions(family: str, seed: int) -> dict:
 def one_scan(args: tuple[str, int, str | None]) -> dict:
     family, seed, params = args
     from stm_defects.analysis.dispatch import PredictConfig, analyse
-    from stm_defects.analysis.scores import assign_feasible
+    from stm_defects.analysis.scores import match_points
     from stm_defects.data.lattices import lattice_scan
     from stm_defects.image.preprocess import preprocess
     from stm_defects.results import Models
@@ -63,11 +63,8 @@ def one_scan(args: tuple[str, int, str | None]) -> dict:
     res = analyse(img, Models(), cfg, px / scale)
     p = np.array([[r["x"] / scale, r["y"] / scale] for r in res.regions]).reshape(-1, 2)
     t = np.array([[d["x"], d["y"]] for d in s.defects]).reshape(-1, 2)
-    tp = 0
-    if len(p) and len(t):
-        radius = np.array([d["radius_px"] + 2.0 + 0.3 / px for d in s.defects])
-        d = np.hypot(p[:, None, 0] - t[None, :, 0], p[:, None, 1] - t[None, :, 1])
-        tp = len(assign_feasible(d, d <= radius[None], big=1e9))
+    radius = [d["radius_px"] + 2.0 + 0.3 / px for d in s.defects]
+    tp = len(match_points(p, t, radius))
     return {"family": family, "seed": seed, **c, "n_defects": len(t), "area_nm2": (c["size"] * px) ** 2,
             "tp": tp, "fp": len(p) - tp, "fn": len(t) - tp}
 

@@ -173,3 +173,10 @@ def test_evaluate_scan_and_aggregate():
     assert empty["n_scans"] == 0 and empty["f1"] == 1.0
     assert math.isnan(empty["ari"]) and math.isnan(empty["auroc_mean"])
     assert math.isnan(empty["step_edge_fp_mean"])
+
+
+def test_match_points_takes_one_radius_per_truth():
+    pred = np.array([[0.0, 5.0], [20.0, 5.0]])
+    true = np.array([[0.0, 0.0], [20.0, 0.0]])
+    assert match_points(pred, true, radius=[6.0, 4.0]) == [(0, 0)]
+    assert match_points(pred, true, radius=[4.0, 6.0]) == [(1, 1)]

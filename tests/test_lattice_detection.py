@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
 from stm_defects.analysis.dispatch import PredictConfig, analyse
+from stm_defects.analysis.scores import match_points
 from stm_defects.data.lattices import LATTICES, lattice_scan
 from stm_defects.image.preprocess import preprocess
 from stm_defects.improved.anomaly import detect
@@ -25,13 +25,8 @@ def _counts(family: str, seed: int, pixel_nm: float, n_steps: int = 0) -> tuple[
     res = analyse(img, Models(), cfg, pixel_nm / scale)
     p = np.array([[r["x"] / scale, r["y"] / scale] for r in res.regions]).reshape(-1, 2)
     t = np.array([[d["x"], d["y"]] for d in s.defects]).reshape(-1, 2)
-    if not len(p) or not len(t):
-        return len(t), len(p), 0
-    rad = np.array([d["radius_px"] + 2 + 0.3 / pixel_nm for d in s.defects])
-    d = np.hypot(p[:, None, 0] - t[None, :, 0], p[:, None, 1] - t[None, :, 1])
-    ok = d <= rad[None]
-    a, b = linear_sum_assignment(np.where(ok, d, 1e6))
-    return len(t), len(p), int(ok[a, b].sum())
+    radius = [d["radius_px"] + 2 + 0.3 / pixel_nm for d in s.defects]
+    return len(t), len(p), len(match_points(p, t, radius))
 
 
 @pytest.mark.parametrize("family", LATTICES)

@@ -163,8 +163,9 @@ def _score_maps_plain(residual, valid, scales, floor=0.0, line_smooth=0, line_mi
         z = np.abs(dev) / max(robust_location_scale(v)[1], floor)
         if ratio is not None:
             noise = max(robust_location_scale(v)[1], floor, 1e-12)
-            lines = np.maximum(anomaly._line_noise(dev, valid, 1, line_smooth, line_min_px)[:, None],
-                               anomaly._line_noise(dev, valid, 0, line_smooth, line_min_px)[None, :]) / noise
+            a = np.where(valid, np.abs(dev), np.nan)
+            lines = np.maximum(anomaly._line_noise(a, valid, 1, line_smooth, line_min_px)[:, None],
+                               anomaly._line_noise(a, valid, 0, line_smooth, line_min_px)[None, :]) / noise
             better = z > out
             ratio[better] = np.maximum(lines, 1.0)[better]
         np.maximum(out, z, out=out)

@@ -49,8 +49,9 @@ def _ratio(num: int, den: int, other_empty: bool) -> float:
 # --------------------------------------------------------------------------- #
 # detection
 # --------------------------------------------------------------------------- #
-def match_points(pred_xy, true_xy, radius: float = 6.0) -> list[tuple[int, int]]:
-    """One-to-one matching of predictions to truths within ``radius`` px.
+def match_points(pred_xy, true_xy, radius=6.0) -> list[tuple[int, int]]:
+    """One-to-one matching of predictions to truths within ``radius`` px (a number, or one
+    radius per truth).
 
     Maximises the number of matched pairs, then minimises their total
     distance (``linear_sum_assignment`` with a prohibitive cost beyond the
@@ -60,8 +61,9 @@ def match_points(pred_xy, true_xy, radius: float = 6.0) -> list[tuple[int, int]]
     if len(p) == 0 or len(t) == 0:
         return []
     d = cdist(p, t)
-    big = float(radius) * (min(len(p), len(t)) + 1) + 1.0  # > any feasible total
-    return assign_feasible(d, d <= radius, big)
+    r = np.broadcast_to(np.asarray(radius, float), (len(t),))
+    big = float(r.max()) * (min(len(p), len(t)) + 1) + 1.0  # > any feasible total
+    return assign_feasible(d, d <= r[None, :], big)
 
 
 def assign_feasible(cost: np.ndarray, feasible: np.ndarray, big: float) -> list[tuple[int, int]]:

@@ -123,17 +123,11 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     return clean, lat.astype(np.float32, copy=False)
 
 
-def _line_noise(dev: np.ndarray, valid: np.ndarray, axis: int, smooth: int, min_px: int) -> np.ndarray:
-    """Robust std of ``dev`` along each scan line (rows: axis=1), median-smoothed over
-    ``smooth`` neighbouring lines; 0 (no line estimate) for lines with fewer than ``min_px``
-    or than half their pixels valid: on short lines a defect is a large part of the sample."""
-    a = np.abs(dev)
-    a[~valid] = np.nan
-    return _line_noise_abs(a, valid, axis, smooth, min_px)
-
-
-def _line_noise_abs(a: np.ndarray, valid: np.ndarray, axis: int, smooth: int, min_px: int) -> np.ndarray:
-    """`_line_noise` of ``a`` = |dev|, NaN where not ``valid``."""
+def _line_noise(a: np.ndarray, valid: np.ndarray, axis: int, smooth: int, min_px: int) -> np.ndarray:
+    """Robust std along each scan line (rows: axis=1) of the deviations whose absolute values
+    are ``a`` (NaN where not ``valid``), median-smoothed over ``smooth`` neighbouring lines; 0
+    (no line estimate) for lines with fewer than ``min_px`` or than half their pixels valid: on
+    short lines a defect is a large part of the sample."""
     import warnings
 
     with warnings.catch_warnings():
@@ -171,8 +165,8 @@ def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0
         if ratio is not None:
             noise = max(sd, floor, 1e-12)
             g[invalid] = np.nan
-            lines = np.maximum(_line_noise_abs(g, valid, 1, line_smooth, line_min_px)[:, None],
-                               _line_noise_abs(g, valid, 0, line_smooth, line_min_px)[None, :])
+            lines = np.maximum(_line_noise(g, valid, 1, line_smooth, line_min_px)[:, None],
+                               _line_noise(g, valid, 0, line_smooth, line_min_px)[None, :])
         del g
         if ratio is not None:
             lines /= noise
