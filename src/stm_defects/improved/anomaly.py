@@ -107,7 +107,7 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     for i in range(0, shape[0], 256):   # row blocks: no spectrum-sized float64 radius
         peaks[i:i + 256] &= np.hypot(fy[i:i + 256], fx) >= cfg.min_freq
     if cfg.notch_radius:
-        peaks = ndi.binary_dilation(peaks, iterations=int(cfg.notch_radius))
+        peaks = dilate_sparse(peaks, int(cfg.notch_radius))
     keep = ndi.gaussian_filter(peaks.astype(np.float32), 0.7)
     del peaks
     np.subtract(1.0, keep, out=keep)
@@ -123,20 +123,48 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     return clean, lat.astype(np.float32, copy=False)
 
 
+def dilate_sparse(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``ndi.binary_dilation(mask, iterations=radius)`` (the 4-connected cross, so a diamond of
+    Manhattan radius ``radius``; nothing wraps at the borders), computed from the coordinates of
+    the few set pixels: spectral peaks are sparse, and a whole-array dilation is not."""
+    out = np.zeros_like(mask, dtype=bool)
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    for dy in range(-radius, radius + 1):
+        r = radius - abs(dy)
+        for dx in range(-r, r + 1):
+            y, x = ys + dy, xs + dx
+            ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+            out[y[ok], x[ok]] = True
+    return out
+
+
 def _line_noise(a: np.ndarray, valid: np.ndarray, axis: int, smooth: int, min_px: int) -> np.ndarray:
     """Robust std along each scan line (rows: axis=1) of the deviations whose absolute values
     are ``a`` (NaN where not ``valid``), median-smoothed over ``smooth`` neighbouring lines; 0
     (no line estimate) for lines with fewer than ``min_px`` or than half their pixels valid: on
     short lines a defect is a large part of the sample."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN lines
-        s = np.nanmedian(a, axis=axis) * 1.4826
+    s = nan_median(a, axis) * 1.4826
     s = np.where(valid.sum(axis=axis) >= max(min_px, 0.5 * valid.shape[axis]), s, 0.0)
     if smooth > 1:
         s = ndi.median_filter(s, size=int(smooth), mode="nearest")
     return s.astype(np.float32)
+
+
+def nan_median(a: np.ndarray, axis: int) -> np.ndarray:
+    """``np.nanmedian(a, axis)`` of a 2-D array (NaN for an all-NaN line), without numpy's
+    masked-array route for short lines: one sort (NaNs sort last), then the middle of each
+    line's valid values."""
+    s = np.sort(a, axis=axis)
+    if axis == 0:
+        s = s.T
+    n = np.count_nonzero(~np.isnan(s), axis=1)
+    lo = np.maximum((n - 1) // 2, 0)
+    hi = np.maximum(n // 2, 0)
+    rows = np.arange(s.shape[0])
+    out = (s[rows, lo] + s[rows, hi]) / 2
+    out[n == 0] = np.nan
+    return out
 
 
 def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0.0,
@@ -282,7 +310,7 @@ def _regions(score: np.ndarray, clean: np.ndarray, pk: np.ndarray, vals: np.ndar
         boxes = ndi.find_objects(lab)
         sign = np.sign(ndi.gaussian_filter(clean, 2.0)[pk[:, 0], pk[:, 1]])
         # pixels of each component go to their nearest peak (Voronoi split of touching defects)
-        owner = _owner(score.shape, pk)
+        owner = nearest_owner(score.shape, pk, lab > 0)   # only pixels of components are ever owned
         own_comp = lab[pk[:, 0], pk[:, 1]]
         for i, (y, x) in enumerate(pk):
             y0, y1 = max(0, y - rc), min(h, y + rc + 1)
@@ -314,10 +342,18 @@ def _regions(score: np.ndarray, clean: np.ndarray, pk: np.ndarray, vals: np.ndar
     return mask, regions
 
 
-def _owner(shape: tuple[int, int], pk: np.ndarray) -> np.ndarray:
-    """(H, W) int32: 1 + index of the peak of ``pk`` nearest to each pixel (Euclidean; ties as
-    `scipy.ndimage.distance_transform_edt` breaks them)."""
-    seeds = np.zeros(shape, np.int32)
-    seeds[pk[:, 0], pk[:, 1]] = np.arange(1, len(pk) + 1)
-    iy, ix = ndi.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
-    return seeds[iy, ix]
+def nearest_owner(shape: tuple[int, int], pk: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) int32: 1 + index of the peak of ``pk`` nearest to each pixel of ``where`` (all
+    pixels for None; 0 elsewhere). Euclidean, from a k-d tree over the peaks, so the cost goes
+    with the pixels asked about, not the scan; a pixel exactly as far from two peaks goes to
+    either."""
+    from scipy.spatial import cKDTree
+
+    owner = np.zeros(shape, np.int32)
+    if not len(pk):
+        return owner
+    ys, xs = np.nonzero(np.ones(shape, bool) if where is None else where)
+    if ys.size:
+        _, idx = cKDTree(np.asarray(pk, np.float64)).query(np.column_stack([ys, xs]).astype(np.float64))
+        owner[ys, xs] = idx.astype(np.int32) + 1
+    return owner

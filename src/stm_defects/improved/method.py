@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stm_defects.image.preprocess import rescale_by
-from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect
+from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect, nearest_owner
 from stm_defects.improved.classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes
 from stm_defects.results import Analysis
 
@@ -149,15 +149,6 @@ def _region_back(r: dict, k: float, shape: tuple[int, int]) -> dict:
 
 
 def _region_owner(res: AnomalyResult) -> np.ndarray:
-    """(H, W) int: 1 + index of the region owning each mask pixel, 0 elsewhere."""
-    from scipy import ndimage as ndi
-
-    seeds = np.zeros(res.mask.shape, np.int32)
-    for i, r in enumerate(res.regions):
-        y, x = r["peak"]
-        seeds[y, x] = i + 1
-    iy, ix = ndi.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
-    owner = seeds[iy, ix]
-    del iy, ix
-    owner[~res.mask] = 0
-    return owner
+    """(H, W) int: 1 + index of the region owning each mask pixel (its nearest peak), 0 elsewhere."""
+    pk = np.array([r["peak"] for r in res.regions], np.int64).reshape(-1, 2)
+    return nearest_owner(res.mask.shape, pk, res.mask)

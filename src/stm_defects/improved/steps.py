@@ -163,16 +163,52 @@ def masked_smooth(a: np.ndarray, m: np.ndarray, sigma: float, factor: int = 4
     H, W = -(-h // f) * f, -(-w // f) * f
     am = np.zeros((H, W), np.float32)
     np.multiply(a, m, out=am[:h, :w])
-    am = am.reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+    am = _block_mean(am, f)
     mm = np.zeros((H, W), np.float32)
     mm[:h, :w] = m
-    mm = mm.reshape(H // f, f, W // f, f).mean(axis=(1, 3))
+    mm = _block_mean(mm, f)
     s = max(float(np.sqrt(max(sigma ** 2 - (f ** 2 - 1) / 12.0, 0.25))) / f, 0.5)
     am = ndi.gaussian_filter(am, s, mode="nearest")
     mm = ndi.gaussian_filter(mm, s, mode="nearest")
-    num = ndi.zoom(am, f, order=1, mode="nearest", grid_mode=True)[:h, :w]
-    den = ndi.zoom(mm, f, order=1, mode="nearest", grid_mode=True)[:h, :w]
-    return num, den
+    return upsample_linear(am, f, (h, w)), upsample_linear(mm, f, (h, w))
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    """Mean of each f x f block of ``a`` (sides multiples of f), by adding strided slices: the
+    same means as ``a.reshape(H // f, f, W // f, f).mean(axis=(1, 3))`` to float32 rounding,
+    an order of magnitude faster."""
+    cols = a[:, 0::f].copy()
+    for j in range(1, f):
+        cols += a[:, j::f]
+    out = cols[0::f].copy()
+    for i in range(1, f):
+        out += cols[i::f]
+    out *= np.float32(1.0 / (f * f))
+    return out
+
+
+def upsample_linear(a: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
+    """``scipy.ndimage.zoom(a, f, order=1, mode="nearest", grid_mode=True)[:h, :w]`` (to float32
+    rounding), computed separably with strided slices: the zoom's spline machinery was the
+    slowest step of the terrace backgrounds.
+
+    Output pixel o sits at input coordinate (o + 0.5) / f - 0.5 = i + t for o = f i + q, so
+    each phase q is a fixed blend of input pixel i and its neighbour on the side of t; edge
+    values are held beyond the first and last centres."""
+    a = np.asarray(a, np.float32)
+    h, w = shape
+    offsets = [(q + 0.5) / f - 0.5 for q in range(f)]
+    p = np.pad(a, 1, mode="edge")                             # p[i + 1, j + 1] = a[i, j]
+    rows = np.empty((a.shape[0] * f, a.shape[1] + 2), np.float32)
+    for q, t in enumerate(offsets):
+        near, other = p[1:-1], (p[:-2] if t < 0 else p[2:])
+        rows[q::f] = near + np.float32(abs(t)) * (other - near)
+    rows = rows[:h]
+    out = np.empty((h, a.shape[1] * f), np.float32)
+    for q, t in enumerate(offsets):
+        near, other = rows[:, 1:-1], (rows[:, :-2] if t < 0 else rows[:, 2:])
+        out[:, q::f] = near + np.float32(abs(t)) * (other - near)
+    return np.ascontiguousarray(out[:, :w])
 
 
 def _terrace_base(terr: Terraces, weight=None) -> np.ndarray:
