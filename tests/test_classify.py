@@ -3,7 +3,13 @@ import pickle
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from stm_defects.improved.classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes, row_angles
+from stm_defects.improved.classify import (
+    ClassifyConfig,
+    canonical_patches,
+    fit_classes,
+    predict_classes,
+    row_angles,
+)
 
 
 def _surface(n, angle, blobs, seed=0):
@@ -54,3 +60,26 @@ def test_fit_predict_unknown_and_pickle():
     assert odd[0] == -1
     again = pickle.loads(pickle.dumps(state))
     assert np.array_equal(predict_classes(again, X)[0], lab)
+
+
+def test_unknown_defects_carry_typicality_not_a_class_probability():
+    """Typicality: the share of training defects the model finds less likely. Training defects
+    spread over [0, 1]; a defect unlike every class sits below the unknown quantile, which is
+    what made it unknown, and keeps its nearest class."""
+    from stm_defects.improved.classify import classify_patches
+
+    rng = np.random.default_rng(1)
+    P = 15
+    yy, xx = np.mgrid[0:P, 0:P] - 7.0
+    shapes = [np.exp(-(xx ** 2 + yy ** 2) / 8), -np.exp(-(xx ** 2 / 30 + yy ** 2 / 3))]
+    X = np.concatenate([s + 0.05 * rng.standard_normal((80, P, P)) for s in shapes]).astype(np.float32)
+    cfg = ClassifyConfig(patch=P, k_range=(2, 3), n_boot=2, n_pca=4)
+    state = fit_classes(X, cfg, seed=0)
+    got = classify_patches(state, X)
+    assert 0.3 < np.median(got["typicality"]) < 0.7
+    assert got["typicality"].min() >= 0 and got["typicality"].max() <= 1
+    known = got["label"] >= 0
+    assert np.all(got["typicality"][known] >= cfg.unknown_quantile - 0.02)
+    odd = classify_patches(state, (20 * np.ones((1, P, P))).astype(np.float32))
+    assert odd["label"][0] == -1 and odd["typicality"][0] < cfg.unknown_quantile
+    assert odd["nearest"][0] in (0, 1)

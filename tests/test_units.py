@@ -340,7 +340,11 @@ def test_improved_analyse_regions_and_class_map(improved_data):
         for r in res.regions:
             assert {"id", "x", "y", "bbox", "area_px", "score", "class", "probability"} <= set(r)
             assert isinstance(r["class"], int) and -1 <= r["class"] < n_classes
-            assert isinstance(r["probability"], float) and 0.0 <= r["probability"] <= 1.0 + 1e-9
+            if r["class"] >= 0:
+                assert isinstance(r["probability"], float) and 0.0 <= r["probability"] <= 1.0 + 1e-9
+            else:        # unknown: no class probability, its typicality and nearest class instead
+                assert r["probability"] is None and 0 <= r["nearest_class"] < n_classes
+            assert 0.0 <= r["typicality"] <= 1.0
             assert 0 <= r["x"] < img.shape[1] and 0 <= r["y"] < img.shape[0]
         assert (res.class_map[~res.mask] == -1).all()
         assert set(np.unique(res.class_map[res.mask])) <= {r["class"] for r in res.regions} | {-1}

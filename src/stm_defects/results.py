@@ -34,3 +34,5 @@ class Analysis:
     mask: np.ndarray            # (H, W) bool
     regions: list[dict]         # defect regions + "class", "probability"
     class_map: np.ndarray       # (H, W) int, class per masked pixel, -1 elsewhere
+    display: np.ndarray | None = None   # (H, W) float32: the scan as pictures show it (improved:
+                                        # each terrace levelled); None: the preprocessed image

@@ -244,8 +244,18 @@ def _column_median7(a: np.ndarray, block: int = 256) -> np.ndarray:
 
 def normalize(img, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     """Clip to the [low, high] percentiles and scale to [0, 1] (float32). Constant image -> zeros."""
+    return normalize_span(img, low, high)[0]
+
+
+def normalize_span(img, low: float = 0.5, high: float = 99.5) -> tuple[np.ndarray, float]:
+    """(`normalize`'s image, the height span it mapped onto [0, 1], in the input's units; 0 for a
+    constant image): one unit of the result is that many nm of a calibrated scan."""
     a = np.asarray(img, dtype=np.float64)
     lo, hi = np.percentile(a, [low, high])
+    return _normalized(a, lo, hi), float(hi - lo) if hi > lo else 0.0
+
+
+def _normalized(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
     if not hi > lo:
         return np.zeros(a.shape, dtype=np.float32)
     out = np.clip(a, lo, hi)
@@ -322,11 +332,14 @@ def rescale_by(img, scale: float) -> np.ndarray:
 
 
 def preprocess(
-    img, pixel_nm: float | None, cfg: PreprocessConfig = PreprocessConfig(), min_side: int = _MIN_SIZE
+    img, pixel_nm: float | None, cfg: PreprocessConfig = PreprocessConfig(), min_side: int = _MIN_SIZE,
+    span_out: dict | None = None,
 ) -> tuple[np.ndarray, float]:
     """level -> align rows -> remove scars -> resample -> normalise.
 
-    Returns (img01 float32 in [0, 1], scale); original coordinates = resampled / scale.
+    Returns (img01 float32 in [0, 1], scale); original coordinates = resampled / scale. A dict
+    given as ``span_out`` gets ``z_span``: the heights (in the input's unit) that one unit of
+    img01 stands for, so pictures can give heights in nm.
     Raises `ResampleError` up front when resampling to ``cfg.target_pixel_nm`` would give a
     side under ``min_side`` pixels or an absurdly large image (`resample_error`).
     """
@@ -341,4 +354,7 @@ def preprocess(
         out = remove_scars(out, cfg.scar_threshold, cfg.scar_min_length)
     out, scale = resample(out, pixel_nm, cfg.target_pixel_nm, min_side)
     low, high = cfg.clip_percentiles
-    return normalize(out, low, high), scale
+    img01, span = normalize_span(out, low, high)
+    if span_out is not None:
+        span_out["z_span"] = span
+    return img01, scale

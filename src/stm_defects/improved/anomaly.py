@@ -37,7 +37,8 @@ from stm_defects.improved.steps import (
     terrace_background,
 )
 
-__all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "score_map", "score_maps"]
+__all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "score_map", "score_maps",
+           "terrace_levelled"]
 
 
 
@@ -237,17 +238,22 @@ def _merge(peaks: np.ndarray, vals: np.ndarray, dist: float) -> np.ndarray:
     return np.asarray(kept, np.int64)
 
 
-def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyResult:
-    # Memory: image-sized intermediates are dropped (del) as soon as they are used up and
-    # computed in place where that gives the same numbers, so a large scan holds few at once.
+def terrace_levelled(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> tuple[np.ndarray, Terraces]:
+    """(the image with scars removed and each terrace levelled by its own plane, its terraces):
+    the first step of `detect`, and the display of a scan in pictures."""
     z = remove_scars(img01, cfg.steps.scar_k, cfg.steps.scar_min_length)
     # steps are found on the image without its lattice, whatever the lattice and pixel size
     lat0 = lattice_notch(z - float(np.mean(z)), cfg)[1]
     np.subtract(z, lat0, out=lat0)
     terr = detect_steps(lat0, cfg.steps)
     del lat0
-    lev = level_terraces(z, terr)
-    del z
+    return level_terraces(z, terr), terr
+
+
+def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyResult:
+    # Memory: image-sized intermediates are dropped (del) as soon as they are used up and
+    # computed in place where that gives the same numbers, so a large scan holds few at once.
+    lev, terr = terrace_levelled(img01, cfg)
     valid = ~terr.band
     b = cfg.border
     if b:

@@ -32,6 +32,7 @@ __all__ = [
     "ClassifyConfig",
     "canonical_patches",
     "fit_classes",
+    "classify_patches",
     "predict_classes",
     "row_angles",
 ]
@@ -207,6 +208,8 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
     state.update({
         "gmm": g, "component_class": cmap, "n_classes": int(cmap.max() + 1),
         "loglik_threshold": float(np.quantile(ll, cfg.unknown_quantile)) if cfg.unknown_quantile else -np.inf,
+        # the training defects' log-likelihoods at every percentile: a new defect's typicality
+        "loglik_quantiles": np.quantile(ll, np.linspace(0.0, 1.0, 101)),
         "k": int(pick["k"]),
         "selection": [{k: v for k, v in t.items() if k != "_model"} for t in table],
     })
@@ -214,9 +217,23 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
 
 
 def predict_classes(state: dict, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class per patch, -1 for unknown; probability of that class)."""
-    if len(patches) == 0:
-        return np.zeros(0, np.int64), np.zeros(0)
+    """(class per patch, -1 for unknown; probability of the most probable class)."""
+    got = classify_patches(state, patches)
+    return got["label"], got["nearest_probability"]
+
+
+def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
+    """Per patch: ``label`` (class, -1 for unknown), ``nearest`` (the most probable class, also
+    for unknown ones), ``nearest_probability`` (its posterior among the classes) and
+    ``typicality`` (the fraction of the training defects that the model finds less likely than
+    this one: ~0 far from every class, 0.5 a median defect; NaN for a state fitted before it was
+    recorded). A defect is unknown when its typicality is under the fitted ``unknown_quantile``,
+    so for unknown defects the typicality, not a class posterior, is the number that means
+    something."""
+    n = len(patches)
+    if n == 0:
+        return {"label": np.zeros(0, np.int64), "nearest": np.zeros(0, np.int64),
+                "nearest_probability": np.zeros(0), "typicality": np.zeros(0)}
     Z = _project(state, patches)
     g = state["gmm"]
     post = g.predict_proba(Z)
@@ -225,8 +242,12 @@ def predict_classes(state: dict, patches: np.ndarray) -> tuple[np.ndarray, np.nd
     cp = np.zeros((len(Z), nc))
     for comp, cls in enumerate(cmap):
         cp[:, cls] += post[:, comp]
-    lab = cp.argmax(axis=1)
-    prob = cp[np.arange(len(Z)), lab]
-    unknown = g.score_samples(Z) < state["loglik_threshold"]
-    lab = np.where(unknown, UNKNOWN, lab)
-    return lab.astype(np.int64), prob
+    nearest = cp.argmax(axis=1)
+    prob = cp[np.arange(len(Z)), nearest]
+    ll = g.score_samples(Z)
+    unknown = ll < state["loglik_threshold"]
+    q = state.get("loglik_quantiles")
+    typ = (np.interp(ll, np.asarray(q, np.float64), np.linspace(0.0, 1.0, len(q)))
+           if q is not None else np.full(n, np.nan))
+    return {"label": np.where(unknown, UNKNOWN, nearest).astype(np.int64),
+            "nearest": nearest.astype(np.int64), "nearest_probability": prob, "typicality": typ}

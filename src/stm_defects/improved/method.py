@@ -22,7 +22,7 @@ import numpy as np
 
 from stm_defects.image.preprocess import rescale_by
 from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect, nearest_owner
-from stm_defects.improved.classify import ClassifyConfig, canonical_patches, fit_classes, predict_classes
+from stm_defects.improved.classify import ClassifyConfig, canonical_patches, classify_patches, fit_classes
 from stm_defects.results import Analysis
 
 __all__ = ["ImprovedConfig", "defect_patches", "fit_improved", "improved_analyse", "working_scale"]
@@ -108,16 +108,21 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
     regions = []
     if res.regions:
         patches, ang = defect_patches(res, cfg)
-        if classes is not None:
-            lab, prob = predict_classes(classes, patches)
-        else:
-            lab, prob = [None] * len(patches), [None] * len(patches)
-        for r, c, p, a in zip(res.regions, lab, prob, ang):
-            regions.append({"id": r["id"], "x": r["x"], "y": r["y"], "bbox": r["bbox"],
-                            "area_px": r["area_px"], "score": r["score"],
-                            "class": None if c is None else int(c),
-                            "probability": None if p is None else float(p),
-                            "row_angle_deg": float(np.degrees(a))})
+        got = classify_patches(classes, patches) if classes is not None else None
+        for i, (r, a) in enumerate(zip(res.regions, ang)):
+            region = {"id": r["id"], "x": r["x"], "y": r["y"], "bbox": r["bbox"],
+                      "area_px": r["area_px"], "score": r["score"], "class": None, "probability": None,
+                      "row_angle_deg": float(np.degrees(a))}
+            if got is not None:
+                c, typ = int(got["label"][i]), float(got["typicality"][i])
+                region["class"] = c
+                # an unknown defect has no class probability: its typicality says how unlike
+                # every class it is, and the nearest class is kept for who wants it
+                region["probability"] = None if c < 0 else float(got["nearest_probability"][i])
+                region["typicality"] = None if np.isnan(typ) else typ
+                if c < 0:
+                    region["nearest_class"] = int(got["nearest"][i])
+            regions.append(region)
     if regions and classes is not None:
         owner = _region_owner(res)
         cls = np.array([-1] + [r["class"] for r in regions], np.int64)
@@ -127,6 +132,7 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
         class_map = np.full(res.mask.shape, -1, np.int64)
     band, labels = res.terraces.band, res.terraces.labels
     score, mask = res.score.astype(np.float32, copy=False), res.mask
+    display = res.levelled            # the scan with each terrace levelled, for pictures
     del res   # the detector's other maps are no longer needed
     char_map = labels.astype(np.int64)
     char_map[band] = -1
@@ -135,8 +141,9 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
         shape = img01.shape
         char_map, class_map = _map_back(char_map, shape, 0), _map_back(class_map, shape, 0)
         score, mask = _map_back(score, shape, 1), _map_back(mask, shape, 0)
+        display = _map_back(display, shape, 1)
         regions = [_region_back(r, k, shape) for r in regions]
-    return Analysis(char_map, score, mask, regions, class_map)
+    return Analysis(char_map, score, mask, regions, class_map, display)
 
 
 def _region_back(r: dict, k: float, shape: tuple[int, int]) -> dict:
