@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stm_defects.analysis.render import class_colour, grey_to_rgb
 
-__all__ = ["FigureStyle", "character_figure", "class_figure", "display_range", "nice_length",
-           "scan_figure"]
+__all__ = ["CROP_PX", "FigureStyle", "character_figure", "class_figure", "defect_crops", "defect_heights",
+           "display_range", "nice_length", "scan_figure"]
 
 HEIGHT_CMAP = "afmhot"      # the usual STM topography palette (Gwyddion's default is similar)
 SCORE_CMAP = "magma"
@@ -324,3 +324,64 @@ def character_figure(char_map: np.ndarray, score: np.ndarray | None = None, pixe
     swatches = colourise(np.arange(max(n, 1))[None, :], max(n, 1))[0]
     legend = [(tuple(int(v) for v in swatches[k]), f"character {k}") for k in range(n)]
     return _compose(pic, title or "character map (K-means of AE1 latents)", None, legend)
+
+
+# ------------------------------------------------------------------- per-defect measurements
+CROP_PX = 64           # side of one crop of a `defect_crops` strip (the report slices it)
+MAX_CROPS = 256        # crops per scan, at most (the strip of a scan with more stops there)
+
+
+def _crop_box(d: dict, shape: tuple[int, int], pixel_nm: float | None) -> tuple[int, int, int, int]:
+    """A square around the defect: twice its box, at least 3 nm (or 24 px uncalibrated)."""
+    x0, y0, x1, y1 = d["bbox"]
+    side = max(2 * max(x1 - x0, y1 - y0), round(3.0 / pixel_nm) if pixel_nm else 24, 8)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    a = int(round(cx - side / 2))
+    b = int(round(cy - side / 2))
+    a = min(max(a, 0), max(shape[1] - side, 0))
+    b = min(max(b, 0), max(shape[0] - side, 0))
+    return a, b, min(a + side, shape[1]), min(b + side, shape[0])
+
+
+def defect_crops(display: np.ndarray, defects: list[dict], pixel_nm: float | None = None,
+                 style: FigureStyle = FigureStyle()) -> Image.Image | None:
+    """One row of `CROP_PX`-px crops, one per defect (the first `MAX_CROPS`), in the scan's
+    height colours: crop i of the strip is ``defects[i]``. None for no defects."""
+    n = min(len(defects), MAX_CROPS)
+    if not n:
+        return None
+    lo, hi = display_range(display, style.percentiles)
+    strip = Image.new("RGB", (n * CROP_PX, CROP_PX))
+    for i, d in enumerate(defects[:n]):
+        a, b, c, e = _crop_box(d, display.shape, pixel_nm)
+        rgb = grey_to_rgb(np.clip((display[b:e, a:c] - lo) / (hi - lo), 0, 1), HEIGHT_CMAP)
+        tile = Image.fromarray(rgb).resize((CROP_PX, CROP_PX), Image.BILINEAR)
+        strip.paste(tile, (i * CROP_PX, 0))
+    return strip
+
+
+def defect_heights(display: np.ndarray, defects: list[dict], z_per_unit: float | None) -> list[float | None]:
+    """Apparent height of each defect in the display's height unit x ``z_per_unit`` (nm): the
+    extreme of the display inside its box (the maximum for a protrusion, the minimum for a
+    depression, whichever departs more) minus the median of a ring of the same width around the
+    box (its terrace). None for all without a height scale."""
+    if not z_per_unit:
+        return [None] * len(defects)
+    h, w = display.shape
+    out = []
+    for d in defects:
+        x0, y0, x1, y1 = d["bbox"]
+        m = max(x1 - x0, y1 - y0, 2)
+        a, b, c, e = max(x0 - m, 0), max(y0 - m, 0), min(x1 + m, w), min(y1 + m, h)
+        win = display[b:e, a:c]
+        inner = np.zeros(win.shape, bool)
+        inner[y0 - b:y1 - b, x0 - a:x1 - a] = True
+        ring = win[~inner]
+        core = win[inner]
+        if not ring.size or not core.size:
+            out.append(None)
+            continue
+        base = float(np.median(ring))
+        up, down = float(core.max()) - base, float(core.min()) - base
+        out.append(round((up if abs(up) >= abs(down) else down) * z_per_unit, 5))
+    return out

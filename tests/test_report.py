@@ -1,0 +1,106 @@
+"""report.html: self-contained (no network), the sections a user needs, numbers that add up."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stm_defects.analysis.figures import defect_crops, defect_heights, scan_figure
+from stm_defects.analysis.report import density_table, write_report
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _scan_json(out: Path, name: str, n_def: int, px: float | None, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    img = rng.random((128, 128)).astype(np.float32)
+    defects = []
+    for i in range(n_def):
+        x, y = rng.integers(10, 110, 2)
+        defects.append({"id": i, "x": float(x), "y": float(y), "bbox": [int(x) - 4, int(y) - 4, int(x) + 4, int(y) + 4],
+                        "class": int(i % 3) - 1, "name": None, "area_px": 50})
+    for d, hgt in zip(defects, defect_heights(img, defects, 0.2)):
+        d["height_nm"] = hgt
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    scan_figure(img, defects, px).save(out / f"{name}_overlay.png")
+    strip = defect_crops(img, defects, px)
+    if strip is not None:
+        strip.save(out / f"{name}_defects.png")
+    for i, d in enumerate(defects):
+        d["crop"] = i
+    return {"json_path": f"{name}.json", "image": f"/data/{name}.sxm", "shape": [128, 128], "pixel_size_nm": px,
+            "models": {"improved": "stm-improved v3"}, "software": {"stm-defects": "0.1"},
+            "config": {"source": "registry", "values": {"method": "improved"}}, "defects": defects}
+
+
+@pytest.fixture()
+def report(tmp_path):
+    scans = [_scan_json(tmp_path, f"day{i % 2}/scan{i}", 6 + i, 0.1, i) for i in range(6)]
+    scans.append(_scan_json(tmp_path, "raw/uncal", 3, None, 99))
+    path = write_report(tmp_path, scans, class_names={"0": "vacancy"},
+                        failures=[{"scan": "bad.sxm", "stage": "read", "reason": "truncated file"}])
+    return path, scans
+
+
+def test_report_is_self_contained(report):
+    path, _ = report
+    p = _Collect()
+    p.feed(path.read_text())
+    for tag, attrs in p.tags:
+        assert tag not in ("script", "link", "iframe")
+        if tag == "img":
+            assert attrs["src"].startswith("data:image/")
+        if tag == "a":
+            assert "://" not in attrs["href"] and (path.parent / attrs["href"]).is_file()
+    assert "http" not in path.read_text().replace("http-equiv", "")
+
+
+def test_report_sections_and_numbers(report):
+    path, scans = report
+    text = path.read_text()
+    for heading in ("Densities", "Classes", "Defect sizes and heights", "Scans", "Failed scans", "Run"):
+        assert f"<h2>{heading}" in text
+    assert "vacancy" in text and "unknown" in text and "truncated file" in text
+    assert "stm-improved v3" in text
+    p = _Collect()
+    p.feed(text)
+    thumbs = [a for t, a in p.tags if t == "img" and a.get("class") == "thumb"]
+    assert len(thumbs) == len(scans)
+    crops = [a for t, a in p.tags if t == "img" and a.get("alt") == "vacancy"]
+    assert 0 < len(crops) <= 12
+
+
+def test_density_table_counts_and_intervals():
+    scans = [{"shape": [100, 100], "pixel_size_nm": 0.1, "defects": [{"class": 0}] * k} for k in (1, 2, 3, 4, 5)]
+    rows, method = density_table(scans, {})
+    allrow = next(r for r in rows if r["class"] == "all defects")
+    assert allrow["count"] == 15
+    assert allrow["per_100nm2"] == pytest.approx(100 * 15 / 500)      # 5 scans of 100 nm^2
+    assert allrow["lo"] < allrow["per_100nm2"] < allrow["hi"]
+    assert "bootstrap" in method
+    rows, method = density_table(scans[:2], {})
+    assert "Poisson" in method
+    assert all(r["lo"] <= r["per_100nm2"] <= r["hi"] for r in rows)
+    assert density_table([{"shape": [10, 10], "pixel_size_nm": None, "defects": []}], {})[0] == []
+
+
+def test_heights_sign_and_scale():
+    img = np.zeros((40, 40), np.float32)
+    img[18:22, 18:22] = 1.0
+    img[5:8, 30:33] = -0.5
+    d = [{"bbox": [18, 18, 22, 22]}, {"bbox": [30, 5, 33, 8]}]
+    assert defect_heights(img, d, 0.2) == [pytest.approx(0.2), pytest.approx(-0.1)]
+    assert defect_heights(img, d, None) == [None, None]
