@@ -102,12 +102,27 @@ def _compact_indices(ft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 
+def _sobel_magnitude_every_other(s: np.ndarray) -> np.ndarray:
+    """``np.hypot(ndi.sobel(s, 0), ndi.sobel(s, 1))[::2, ::2]`` (same numbers), computed only at
+    the pixels kept: the thresholds need a sample of the gradient, not all of it."""
+    p = np.pad(s, 1, mode="symmetric")           # scipy's default "reflect" border
+    h, w = s.shape
+    rows, cols = slice(1, h + 1, 2), slice(1, w + 1, 2)
+
+    def at(dr: int, dc: int) -> np.ndarray:      # p shifted by (dr, dc), at the kept pixels
+        return p[rows.start + dr:rows.stop + dr:2, cols.start + dc:cols.stop + dc:2]
+
+    # scipy's sobel: the [-1, 0, 1] derivative along the axis, then [1, 2, 1] across it
+    d0 = at(1, -1) - at(-1, -1) + 2 * (at(1, 0) - at(-1, 0)) + at(1, 1) - at(-1, 1)
+    d1 = at(-1, 1) - at(-1, -1) + 2 * (at(0, 1) - at(0, -1)) + at(1, 1) - at(1, -1)
+    return np.hypot(d0, d1)
+
+
 def step_edges(img: np.ndarray, cfg: StepConfig = StepConfig()) -> np.ndarray:
     """Thin boolean step lines: long Canny edge components of the smoothed image."""
     a = np.asarray(img, dtype=np.float32)
     s = ndi.gaussian_filter(a, cfg.sigma)
-    gm = np.hypot(ndi.sobel(s, 0), ndi.sobel(s, 1))
-    med, mad = _robust(gm[::2, ::2])
+    med, mad = _robust(_sobel_magnitude_every_other(s))
     edges = canny(s, sigma=0, low_threshold=med + cfg.low_k * mad, high_threshold=med + cfg.high_k * mad)
     lab = label(edges, connectivity=2)
     keep = np.zeros(lab.max() + 1, bool)
