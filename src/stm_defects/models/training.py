@@ -8,6 +8,13 @@ the global torch RNG, thread settings and backend flags are never touched.
 Weight initialisation is seeded separately (``build_autoencoder(..., seed=)``).
 
 Epochs are numbered from 0 (``History.best_epoch`` indexes ``History.val_loss``).
+
+Data-parallel training: inside an open ``torch.distributed`` process group of more than one
+rank (e.g. a program launched by ``torchrun`` that entered ``distributed.process_group()``),
+``fit_autoencoder`` trains under ``DistributedDataParallel`` and reproduces the single-process
+run up to float rounding: same global batches, each rank a contiguous shard of them; BatchNorm
+statistics and dropout masks over the global batch; train and val losses summed over ranks;
+the same early-stopping decisions on every rank. See ``models.distributed``.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from stm_defects.models import distributed as ddp
 from stm_defects.models.autoencoder import set_dropout_generator
 
 __all__ = [
@@ -203,6 +212,11 @@ def d4_augment(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"d4_augment expects (N, C, s, s), got {tuple(x.shape)}")
     ids = torch.randint(0, 8, (x.shape[0],), generator=generator)
+    return _d4_apply(x, ids)
+
+
+def _d4_apply(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Apply D4 element ``ids[i]`` (0-3: rotate k*90; 4-7: flip, then rotate) to patch ``i``."""
     out = torch.empty_like(x)
     for t in range(8):
         sel = torch.nonzero(ids == t).squeeze(1)
@@ -227,6 +241,25 @@ def _is_channels_last(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def _sse_on(
+    model: nn.Module,
+    arr: np.ndarray,
+    idx: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    """Sum of squared reconstruction errors over ``arr[idx]`` (a float64 scalar on ``device``)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(idx), batch_size):
+        xb = _batch(arr, idx[start : start + batch_size], device, channels_last)
+        with _autocast(device, bf16):
+            out = model(xb)
+        total += F.mse_loss(out.float(), xb, reduction="sum").double()
+    return total
+
+
 def _mse_on(
     model: nn.Module,
     arr: np.ndarray,
@@ -236,14 +269,47 @@ def _mse_on(
     bf16: bool,
     channels_last: bool,
 ) -> float:
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(idx), batch_size):
-        xb = _batch(arr, idx[start : start + batch_size], device, channels_last)
-        with _autocast(device, bf16):
-            out = model(xb)
-        total += F.mse_loss(out.float(), xb, reduction="sum").double()
+    total = _sse_on(model, arr, idx, batch_size, device, bf16, channels_last)
     per_patch = arr.shape[1] * arr.shape[2] * arr.shape[3]
     return float(total) / (len(idx) * per_patch)
+
+
+def _sharded_step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    arr: np.ndarray,
+    rows: torch.Tensor,
+    shard: ddp.BatchShard,
+    device: torch.device,
+    use_cl: bool,
+    use_bf16: bool,
+    g_aug: torch.Generator | None,
+) -> torch.Tensor:
+    """One DDP optimiser step on this rank's shard of the global batch ``arr[rows]``.
+
+    The loss is the shard's sum of squared errors over the global batch's pixel count, times the
+    world size: DDP's gradient average divides that out again, so the update is the single-process
+    update on the whole batch, whatever the shard sizes. Returns the shard's SSE per patch-pixel
+    count (float64, to be summed over ranks).
+    """
+    m, world = len(rows), dist.get_world_size()
+    lo, hi = ddp.shard_bounds(m, dist.get_rank(), world)
+    shard.size, shard.lo, shard.hi = m, lo, hi
+    xb = _batch(arr, rows[lo:hi], device, use_cl)
+    if g_aug is not None:
+        ids = torch.randint(0, 8, (m,), generator=g_aug)  # the whole batch's draws, as on one process
+        xb = _d4_apply(xb, ids[lo:hi])
+        if use_cl:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, use_bf16):
+        out = net(xb)
+    per_patch = arr.shape[1] * arr.shape[2] * arr.shape[3]
+    sse = F.mse_loss(out.float(), xb, reduction="sum")
+    loss = sse * (world / (m * per_patch))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return sse.detach().double() / per_patch
 
 
 def fit_autoencoder(
@@ -265,6 +331,13 @@ def fit_autoencoder(
 
     The model is moved to the resolved device and left there, in eval mode.
     Results are deterministic for a given ``seed`` (and initial weights) on CPU.
+
+    Under an open process group of more than one rank this is one rank of a data-parallel fit
+    (module docstring; ``models.distributed``): call it on every rank with the same patches,
+    config, seed and initial weights. A bare ``cuda`` device becomes ``cuda:LOCAL_RANK``. Every
+    rank returns the same ``History`` and ends with the same weights; ``on_epoch`` runs on every
+    rank (guard side effects with ``distributed.is_main_process()``), and rank 0's ``should_stop``
+    answer is the one all ranks follow.
     """
     arr = _as_patches(patches)
     n = len(arr)
@@ -274,6 +347,11 @@ def fit_autoencoder(
         raise ValueError(f"no training patches left (n={n}, val_fraction={cfg.val_fraction})")
 
     device = resolve_device(cfg.device)
+    distributed = ddp.is_distributed()
+    if distributed:
+        device = ddp.local_device(device)
+        if device.type != "cuda" and dist.get_backend() == "nccl":
+            raise ValueError(f"device {device} cannot train in an nccl process group: use gloo on CPU")
     use_bf16 = bool(cfg.bf16) and bf16_supported(device)
     use_cl = bool(cfg.channels_last)
     seed_split, seed_shuffle, seed_aug, seed_drop = _seeds(seed, 4)
@@ -300,7 +378,11 @@ def fit_autoencoder(
     train_seconds = 0.0
     t_start = time.perf_counter()
     set_dropout_generator(model, g_drop)
+    per_patch = arr.shape[1] * arr.shape[2] * arr.shape[3]
+    layers = contextlib.ExitStack()  # distributed: global-batch BatchNorm/dropout until the end
     try:
+        shard = layers.enter_context(ddp.global_batch_layers(model)) if distributed else None
+        net = ddp.ddp_wrap(model, device) if distributed else model
         for epoch in range(cfg.epochs):
             lr_now = float(opt.param_groups[0]["lr"])
             model.train()
@@ -308,6 +390,10 @@ def fit_autoencoder(
             order = train_idx[torch.randperm(n_train, generator=g_shuffle)]
             total = torch.zeros((), dtype=torch.float64, device=device)
             for start in range(0, n_train, cfg.batch_size):
+                if distributed:
+                    total += _sharded_step(net, opt, arr, order[start : start + cfg.batch_size], shard,
+                                           device, use_cl, use_bf16, g_aug if cfg.augment == "d4" else None)
+                    continue
                 xb = _batch(arr, order[start : start + cfg.batch_size], device, use_cl)
                 if cfg.augment == "d4":
                     xb = d4_augment(xb, g_aug)
@@ -320,17 +406,24 @@ def fit_autoencoder(
                 loss.backward()
                 opt.step()
                 total += loss.detach().double() * xb.shape[0]
+            if distributed:
+                dist.all_reduce(total)      # sum of the shards' SSE / pixels = sum of per-patch MSE
             train_loss = float(total) / n_train
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - t0
 
             model.eval()
-            val_loss = (
-                _mse_on(model, arr, val_idx, max(cfg.batch_size, 1024), device, use_bf16, use_cl)
-                if n_val > 0
-                else train_loss
-            )
+            val_bs = max(cfg.batch_size, 1024)
+            if n_val > 0 and distributed:
+                lo, hi = ddp.shard_bounds(n_val, dist.get_rank(), dist.get_world_size())
+                sse = _sse_on(model, arr, val_idx[lo:hi], val_bs, device, use_bf16, use_cl)
+                dist.all_reduce(sse)
+                val_loss = float(sse) / (n_val * per_patch)
+            elif n_val > 0:
+                val_loss = _mse_on(model, arr, val_idx, val_bs, device, use_bf16, use_cl)
+            else:
+                val_loss = train_loss
             hist.train_loss.append(train_loss)
             hist.val_loss.append(val_loss)
             hist.lr.append(lr_now)
@@ -346,7 +439,10 @@ def fit_autoencoder(
 
             if on_epoch is not None:
                 on_epoch(epoch, train_loss, val_loss, lr_now)
-            if should_stop is not None and should_stop(epoch, val_loss):
+            stop = should_stop is not None and should_stop(epoch, val_loss)
+            if distributed:
+                stop = ddp.broadcast_flag(stop, device)     # rank 0 decides for all
+            if stop:
                 hist.stop_reason = "should_stop"
                 break
             if cfg.early_stopping_patience > 0 and bad_epochs >= cfg.early_stopping_patience:
@@ -356,6 +452,7 @@ def fit_autoencoder(
                 hist.stop_reason = "non_finite_loss"
                 break
     finally:
+        layers.close()
         set_dropout_generator(model, None)
         if best_state is not None:
             model.load_state_dict(best_state)

@@ -1,11 +1,22 @@
 """AE1 (general patches) and AE2 (defect patches) training stages.
 
 Each stage is `fn(params, deps, outs, tracker, progress) -> metrics` (see `mlops.dag`).
+
+Data-parallel training: the same two stages run under torchrun, one process per GPU (or CPU
+process), with this module as the entry point:
+
+    torchrun --nproc_per_node 2 -m stm_defects.mlops.stages.autoencoders train_ae1 [--no-track]
+
+Every rank trains (`fit_autoencoder` under DistributedDataParallel, `models.distributed`); rank 0
+alone runs the stage as `python -m stm_defects.mlops.run` does (MLflow run, model files,
+registry), the other ranks run it untracked and write nothing (`fit` returns before its first
+write). Launched without torchrun, `main` is `mlops.run.main` for these two stages.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,28 +40,27 @@ def fit(params, which: str, patches_path: Path, out_dir: Path, tracker, upstream
 
     `upstream` maps model keys to the files this model was built on (AE2: the AE1 checkpoint the
     defect patches came from), for the registry's lineage tags.
+
+    In a data-parallel run (torchrun, see the module docstring) only rank 0 writes files and logs;
+    the other ranks train alongside and return the same metrics.
     """
     from stm_defects.mlops import plots
     from stm_defects.models import build_autoencoder, save_checkpoint
     from stm_defects.models.autoencoder import count_parameters
+    from stm_defects.models.distributed import is_main_process
     from stm_defects.models.training import fit_autoencoder, reconstruct
 
-    out = fresh_dir(out_dir)
+    main = is_main_process()                 # rank-0 rule: the other ranks only train
+    out = fresh_dir(out_dir) if main else None
     patches = np.load(patches_path)["patches"]
     if len(patches) < 10:
         raise StageError(f"{patches_path}: only {len(patches)} patches, too few to train {which}")
     cfg, tcfg = getattr(params, which), getattr(params, f"{which}_train")
     seed = params.seed + (0 if which == "ae1" else 1)
     model = build_autoencoder(cfg, seed=seed)
-    hist = fit_autoencoder(model, patches, tcfg, seed=seed, on_epoch=_epoch_logger(which.upper()))
+    hist = fit_autoencoder(model, patches, tcfg, seed=seed,
+                           on_epoch=_epoch_logger(which.upper()) if main else None)
     h = hist.to_dict()
-    save_checkpoint(out / "model.pt", model, extra={"which": which, "history": h})
-    write_json(out / "history.json", h)
-    write_csv(out / "history.csv", [{"epoch": i, "train_loss": t, "val_loss": v, "lr": lr}
-                                    for i, (t, v, lr) in enumerate(zip(h["train_loss"], h["val_loss"], h["lr"]))])
-    plots.history(h, out / "loss.png", f"{which.upper()} loss")
-    idx = np.random.default_rng(params.seed).choice(len(patches), size=min(8, len(patches)), replace=False)
-    plots.reconstructions(patches[idx], reconstruct(model, patches[idx]), out / "reconstructions.png")
     metrics = {
         "n_patches": len(patches), "n_params": count_parameters(model),
         "epochs_run": hist.epochs_run, "best_epoch": hist.best_epoch,
@@ -58,6 +68,15 @@ def fit(params, which: str, patches_path: Path, out_dir: Path, tracker, upstream
         "best_val_loss": hist.best_val_loss, "patches_per_s": hist.patches_per_s,
         "seconds": hist.seconds,
     }
+    if not main:
+        return metrics
+    save_checkpoint(out / "model.pt", model, extra={"which": which, "history": h})
+    write_json(out / "history.json", h)
+    write_csv(out / "history.csv", [{"epoch": i, "train_loss": t, "val_loss": v, "lr": lr}
+                                    for i, (t, v, lr) in enumerate(zip(h["train_loss"], h["val_loss"], h["lr"]))])
+    plots.history(h, out / "loss.png", f"{which.upper()} loss")
+    idx = np.random.default_rng(params.seed).choice(len(patches), size=min(8, len(patches)), replace=False)
+    plots.reconstructions(patches[idx], reconstruct(model, patches[idx]), out / "reconstructions.png")
     write_json(out / "metrics.json", metrics)
     tracker.history(h, prefix=f"{which}_")
     tracker.metrics(metrics, prefix=f"{which}_")
@@ -80,3 +99,47 @@ def train_ae1(params, deps, outs, tracker, progress) -> dict:
 def train_ae2(params, deps, outs, tracker, progress) -> dict:
     """AE2 on the defect patches (lineage: the AE1 behind the defect mask)."""
     return fit(params, "ae2", deps["patches"], outs["model"], tracker, upstream={"ae1": deps["ae1"]})
+
+
+# ------------------------------------------------------------------------ torchrun entry point
+TRAIN_STAGES = ("train_ae1", "train_ae2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`[torchrun ...] python -m stm_defects.mlops.stages.autoencoders STAGE [--no-track]`.
+
+    Opens the process group (nccl when the stage trains on CUDA, else gloo; one GPU per process
+    from LOCAL_RANK), then rank 0 runs `mlops.run.main` (tracked unless --no-track, model files,
+    the summary line) and every other rank runs the stage untracked, quietly, writing nothing.
+    A single process (no torchrun) is plain `mlops.run.main`.
+    """
+    import argparse
+
+    from stm_defects.config import load_params
+    from stm_defects.errors import ConfigError, StageError
+    from stm_defects.mlops import run
+    from stm_defects.models import distributed
+    from stm_defects.project import params_path, project_root
+
+    ap = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m stm_defects.mlops.stages.autoencoders",
+                                 description="Train AE1 or AE2 with one process per device (DDP).")
+    ap.add_argument("stage", choices=TRAIN_STAGES)
+    ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    args = ap.parse_args(argv)
+    try:
+        root = project_root()
+        params = load_params(params_path(root))
+    except (ConfigError, StageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    device = getattr(params, args.stage.replace("train_", "") + "_train").device
+    with distributed.process_group(device):
+        if distributed.is_main_process():
+            return run.main([args.stage] + (["--no-track"] if args.no_track else []))
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+        run.run_stage(args.stage, params, root, track=False, show_progress=False)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
