@@ -131,6 +131,54 @@ def test_pruning_callback_asks_the_median_pruner():
     assert should_stop(2, 10.0) is False         # never pruned at the last epoch
 
 
+def _ids(patches: np.ndarray) -> set[int]:
+    """The ids written into the first pixel of each patch (value * 1000)."""
+    return set(np.round(patches[:, 0, 0, 0] * 1000).astype(int).tolist())
+
+
+def test_shown_patches_are_held_out_and_leave_the_training_draw_unchanged():
+    patches = tiny_patches(n=400)
+    patches[:, 0, 0, 0] = np.arange(400) / 1000          # a unique id per patch
+    train, shown = tuning.tuning_sets(patches, max_patches=300, seed=7, n_shown=6)
+    same_draw = np.sort(np.random.default_rng(7).choice(400, 300, replace=False))
+    assert np.array_equal(train, patches[same_draw])    # the study's training set does not change
+    assert shown.shape == (6, 1, 16, 16) and not _ids(shown) & _ids(train)
+    contrast = shown.std(axis=(1, 2, 3))
+    assert np.all(np.diff(contrast) >= 0)                # flat to structured
+    again = tuning.tuning_sets(patches, max_patches=300, seed=7, n_shown=6)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (train, shown)))
+
+
+def test_with_every_patch_in_use_the_shown_ones_leave_the_training_set():
+    patches = tiny_patches(n=50)
+    patches[:, 0, 0, 0] = np.arange(50) / 1000
+    train, shown = tuning.tuning_sets(patches, max_patches=None, seed=0, n_shown=8)
+    assert len(shown) == 5 and len(train) == 45          # at most a tenth held out
+    assert not _ids(shown) & _ids(train) and _ids(shown) | _ids(train) == set(range(50))
+    assert len(tuning.tuning_sets(patches[:9], None, 0)[1]) == 0               # too few: none shown
+
+
+def test_every_trial_keeps_its_reconstruction_of_the_same_patches(db, tmp_path):
+    """Also a pruned trial, and a resumed study still has them (the picture needs no retraining)."""
+    from stm_defects.mlops import plots
+
+    kw = {"latents": (4, 8), "n_trials": 2, "epochs": 3, "seed": 0, "storage": db, "study_name": "shown",
+          "pruner": PruneFromSecondTrial(), "max_patches": 150, "n_shown": 4}
+    r = tuning.tune_ae1_latent(tiny_patches(), TINY_AE, TINY_TRAIN, **kw)
+    rows = tuning.latent_rows(r["study"], r["shown"])
+    assert [row["latent"] for row in rows] == sorted(t["latent"] for t in r["trials"])
+    assert {row["state"] for row in rows} == {"COMPLETE", "PRUNED"}
+    for row in rows:
+        assert row["rec"].shape == r["shown"].shape == (4, 1, 16, 16)
+        assert row["mse"] == pytest.approx(float(np.mean((row["rec"] - r["shown"]) ** 2)), abs=1e-4)
+        assert len(row["val_loss"]) == len(row["train_loss"]) >= 1
+    again = tuning.tune_ae1_latent(tiny_patches(), TINY_AE, TINY_TRAIN, **kw)
+    resumed = tuning.latent_rows(again["study"], again["shown"])
+    assert all(np.array_equal(a["rec"], b["rec"]) for a, b in zip(rows, resumed))
+    plots.latent_sizes(r["shown"], rows, tmp_path / "sizes.png", "test")
+    assert (tmp_path / "sizes.png").stat().st_size > 0
+
+
 def test_no_latents_is_an_error(db):
     with pytest.raises(tuning.TuningError, match="no latent"):
         tuning.tune_ae1_latent(tiny_patches(), TINY_AE, TINY_TRAIN, latents=(), storage=db)
@@ -239,7 +287,7 @@ def test_tune_stage_writes_tuned_values_plots_and_nested_trial_runs(tmp_path, db
     assert m["ae1_trials_complete"] + m["ae1_trials_pruned"] == 2
     assert json.loads((out / "metrics.json").read_text())["ae1_latent"] == m["ae1_latent"]
     for name in ("history_ae1.png", "intermediate_ae1.png", "importance_ae1.png", "trials_ae1.csv",
-                 "metrics.json", "tuned.json"):
+                 "metrics.json", "tuned.json", "latent_sizes_ae1.png", "latent_sizes.md"):
         assert (out / name).is_file(), name
         assert name in tracker.logged["artifacts"]
     runs = tracker.mlflow.runs
@@ -249,6 +297,9 @@ def test_tune_stage_writes_tuned_values_plots_and_nested_trial_runs(tmp_path, db
     assert sorted(runs[0]["steps"]["val_loss"]) == [0, 1]
     assert tracker.logged["tags"]["tuned.ae1.latent"] == m["ae1_latent"]
     assert tracker.logged["metrics"]["tune_ae1_latent"] == m["ae1_latent"]
+    assert all("shown_mse" in r["metrics"] for r in runs)              # each trial's held-out MSE
+    text = (out / "latent_sizes.md").read_text()
+    assert all(f"| {latent} |" in text for latent in (4, 8)) and "AE2: no picture" in text
 
 
 def test_tune_stage_needs_enough_patches(tmp_path, db):
@@ -295,4 +346,4 @@ def test_trials_are_nested_mlflow_runs_of_the_stage_run(tmp_path, db, monkeypatc
         stage = mlflow.get_run(tr.run_id)
         assert stage.data.tags["tuned.ae1.latent"] in ("4", "8", "16") and "tune_ae1_latent" in stage.data.metrics
         arts = {a.path for a in mlflow.MlflowClient().list_artifacts(tr.run_id, "tune")}
-        assert {"tune/tuned.json", "tune/history_ae1.png"} <= arts
+        assert {"tune/tuned.json", "tune/history_ae1.png", "tune/latent_sizes_ae1.png"} <= arts

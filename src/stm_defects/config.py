@@ -36,7 +36,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ValidateParams:
-    min_passed: int = 10             # the stage fails when fewer scans pass
+    min_passed: int = 3              # the stage fails when fewer scans pass (train, test, predict need one each)
     min_size: int = 64               # px, both sides
     min_finite_fraction: float = 0.99
     min_dynamic_range: float = 1e-4  # nm (or a.u.) peak-to-peak after levelling
@@ -97,6 +97,10 @@ class SelectClusterersParams:
     max_cluster_cv: float = 0.5      # a grid whose n_clusters varies more than this is unstable
     max_noise: float = 0.2           # ... or whose median noise fraction is above this
     truth_radius: float = 8.0        # px: a defect patch takes the class of a true defect this close
+    tsne_samples: int = 800          # per latent set: the 2-D and 3-D t-SNE views (~4 s each on a core)
+    tsne_perplexity: float = 30.0
+    tsne_max_iter: int = 500         # optimisation steps (the first 250: early exaggeration)
+    tsne_neighbors: int = 10         # k of the trustworthiness that compares the 2-D and 3-D views
 
 
 @dataclass(frozen=True)

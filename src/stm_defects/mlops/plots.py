@@ -1,11 +1,13 @@
 """Training pictures the stages write and log: loss curves, reconstructions, sweeps, t-SNE, masks.
 
-Each takes arrays or dicts and a PNG path; nothing else. Matplotlib is imported inside, so
-importing this module costs nothing.
+Each takes arrays or dicts and a PNG path (:func:`scatter3d_html`: an HTML path); nothing else.
+Matplotlib is imported inside, so importing this module costs nothing.
 """
 
 from __future__ import annotations
 
+import html
+import json
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +181,200 @@ def cluster_sizes(labels: dict[str, np.ndarray], path: Path) -> None:
         ax.set_ylabel("points")
         ax.set_title(name, fontsize=9)
     _save(fig, path)
+
+
+def latent_sizes(shown: np.ndarray, rows: list[dict], path: Path, title: str) -> None:
+    """One picture of a latent-size study: the same held-out patches reconstructed by the model of
+    each latent size tried (one row per size, inputs on top), and every trial's loss curves.
+
+    shown: (n, 1, s, s) in [0, 1]; rows: dicts with ``latent``, ``state`` (COMPLETE, PRUNED, ...),
+    ``rec`` ((n, 1, s, s) or None when the trial kept none), ``mse`` (on `shown`, or None),
+    ``train_loss`` and ``val_loss`` (lists per epoch). Drawn in matplotlib's default style
+    (Optuna's plots switch the global style to ggplot).
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def row_label(row: dict) -> str:
+        state = "" if row["state"] == "COMPLETE" else f"\n{row['state'].lower()}"
+        mse = "" if row.get("mse") is None else f"\nMSE {row['mse']:.4f}"
+        return f"latent {row['latent']}{state}{mse}"
+
+    n, r = len(shown), len(rows)
+    with plt.style.context("default"):
+        fig = plt.figure(figsize=(1.2 * n + 6.0, 1.25 * (r + 1) + 0.7))
+        grid = fig.add_gridspec(r + 1, n + 2, width_ratios=[1] * n + [0.9, 4.4], wspace=0.08, hspace=0.12)
+        pictures = [(shown, "input\n(held out)")] + [(row["rec"], row_label(row)) for row in rows]
+        for i, (pics, label) in enumerate(pictures):
+            for j in range(n):
+                ax = fig.add_subplot(grid[i, j])
+                if pics is not None:
+                    ax.imshow(pics[j, 0], cmap="afmhot", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+        ax = fig.add_subplot(grid[:, n + 1])
+        for i, row in enumerate(rows):
+            colour = f"C{i % 10}"
+            state = "" if row["state"] == "COMPLETE" else f" ({row['state'].lower()})"
+            ax.plot(range(len(row["val_loss"])), row["val_loss"], "o-", color=colour, ms=3,
+                    label=f"latent {row['latent']}{state}")
+            ax.plot(range(len(row["train_loss"])), row["train_loss"], "--", color=colour, lw=1)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("MSE")
+        ax.set_title("loss per epoch (solid: validation, dashed: train)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.suptitle(title, fontsize=10)
+        fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.08)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+
+
+def cluster_colours(labels: np.ndarray) -> dict[int, str]:
+    """A hex colour per label (tab10 up to 10 clusters, tab20 up to 20, then a cycle); noise grey."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    ids = [int(v) for v in np.unique(labels)]
+    clusters = [v for v in ids if v >= 0]
+    cmap = colormaps["tab10" if len(clusters) <= 10 else "tab20"]
+    out = {v: to_hex(cmap(i % cmap.N)) for i, v in enumerate(clusters)}
+    if -1 in ids:
+        out[-1] = "#9e9e9e"
+    return out
+
+
+def tsne_panels(panels: dict[str, dict], dim: int, path: Path, title: str) -> None:
+    """t-SNE views side by side, one panel per latent set, points coloured by cluster.
+
+    panels: name -> {"embedding": (N, dim), "labels": (N,), "subtitle": str}; `dim` 2 or 3
+    (matplotlib's 3-D axes, one fixed viewpoint: the HTML of :func:`scatter3d_html` rotates)."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(5.2 * len(panels), 5.0))
+    for i, (name, p) in enumerate(panels.items()):
+        emb, lab = np.asarray(p["embedding"]), np.asarray(p["labels"])
+        colours = cluster_colours(lab)
+        ax = fig.add_subplot(1, len(panels), i + 1, **({"projection": "3d"} if dim == 3 else {}))
+        style = {"depthshade": False} if dim == 3 else {"edgecolors": "none"}
+        for v, c in colours.items():
+            sel = lab == v
+            ax.scatter(*emb[sel, :dim].T, s=5, color=c, label=str(v) if v >= 0 else "noise", alpha=0.8,
+                       **style)
+        if dim == 3:
+            ax.view_init(elev=20, azim=-60)
+            ax.set_zticklabels([])
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax.set_xticklabels([])
+        ax.set_yticklabels([])
+        ax.set_title(f"{name}: {p['subtitle']}", fontsize=9)
+        ax.legend(title="cluster", fontsize=6, title_fontsize=7, markerscale=2,
+                  ncol=2 if len(colours) > 10 else 1, loc="upper left",
+                  bbox_to_anchor=(1.0, 1.0) if dim == 2 else (0.92, 1.0))
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+_VIEWER_JS = r"""
+function viewer(p) {
+  const wrap = document.createElement("div"); wrap.className = "panel";
+  const h = document.createElement("h2"); h.textContent = p.name; wrap.appendChild(h);
+  const sub = document.createElement("div"); sub.className = "sub"; sub.textContent = p.subtitle; wrap.appendChild(sub);
+  const c = document.createElement("canvas"); c.width = c.height = 460; wrap.appendChild(c);
+  const bar = document.createElement("div"); wrap.appendChild(bar);
+  const spinBox = document.createElement("label");
+  spinBox.innerHTML = '<input type="checkbox" checked> spin'; bar.appendChild(spinBox);
+  const reset = document.createElement("button"); reset.textContent = "reset view"; bar.appendChild(reset);
+  const legend = document.createElement("div"); legend.className = "legend"; wrap.appendChild(legend);
+  document.getElementById("panels").appendChild(wrap);
+  const ctx = c.getContext("2d"), pts = p.points, hidden = new Set();
+  let yaw = 0.6, pitch = 0.35, zoom = 1.0, drag = null;
+  const spin = spinBox.querySelector("input");
+  function draw() {
+    const cy = Math.cos(yaw), sy = Math.sin(yaw), cp = Math.cos(pitch), sp = Math.sin(pitch);
+    const proj = [];
+    for (const q of pts) {
+      if (hidden.has(q[3])) continue;
+      const x = cy * q[0] + sy * q[2], z1 = -sy * q[0] + cy * q[2];
+      proj.push([x, cp * q[1] - sp * z1, sp * q[1] + cp * z1, q[3]]);
+    }
+    proj.sort((a, b) => a[2] - b[2]);                 /* far points first, near ones on top */
+    ctx.clearRect(0, 0, c.width, c.height);
+    const half = c.width / 2, scale = c.width * 0.36 * zoom;
+    for (const q of proj) {
+      const f = 3.5 / (3.5 - q[2]);                   /* a little perspective: near points larger */
+      ctx.fillStyle = p.colours[q[3]];
+      ctx.globalAlpha = 0.35 + 0.6 * (q[2] + 1.8) / 3.6;
+      ctx.beginPath();
+      ctx.arc(half + scale * f * q[0], half - scale * f * q[1], 2.4 * f, 0, 2 * Math.PI);
+      ctx.fill();
+    }
+    ctx.globalAlpha = 1;
+  }
+  c.addEventListener("pointerdown", e => { drag = [e.clientX, e.clientY]; spin.checked = false; c.setPointerCapture(e.pointerId); });
+  c.addEventListener("pointermove", e => {
+    if (!drag) return;
+    yaw += (e.clientX - drag[0]) * 0.01;
+    pitch = Math.max(-1.55, Math.min(1.55, pitch + (e.clientY - drag[1]) * 0.01));
+    drag = [e.clientX, e.clientY]; draw();
+  });
+  c.addEventListener("pointerup", () => { drag = null; });
+  c.addEventListener("wheel", e => { e.preventDefault(); zoom *= Math.exp(-e.deltaY * 0.001); draw(); }, {passive: false});
+  reset.addEventListener("click", () => { yaw = 0.6; pitch = 0.35; zoom = 1.0; draw(); });
+  for (const [label, colour] of Object.entries(p.colours)) {
+    const n = pts.filter(q => String(q[3]) === label).length;
+    const s = document.createElement("span");
+    s.innerHTML = '<i style="background:' + colour + '"></i>' + (label === "-1" ? "noise" : "cluster " + label) + " (" + n + ")";
+    s.title = "click: show / hide";
+    s.addEventListener("click", () => {
+      const v = Number(label);
+      if (hidden.has(v)) { hidden.delete(v); s.classList.remove("off"); } else { hidden.add(v); s.classList.add("off"); }
+      draw();
+    });
+    legend.appendChild(s);
+  }
+  (function tick() { if (spin.checked) { yaw += 0.004; draw(); } requestAnimationFrame(tick); })();
+  draw();
+}
+PANELS.forEach(viewer);
+"""
+
+_VIEWER_CSS = """body{font:14px sans-serif;margin:16px;color:#222;max-width:1100px}
+h1{font-size:18px}h2{font-size:15px;margin:4px 0}.sub{font-size:12px;color:#555;margin-bottom:4px}
+.panel{display:inline-block;vertical-align:top;margin:0 20px 20px 0;width:470px}
+canvas{border:1px solid #ccc;cursor:grab;touch-action:none;background:#fff}
+.legend span{display:inline-block;margin:2px 8px 2px 0;cursor:pointer;user-select:none;font-size:12px}
+.legend i{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:4px}
+.off{opacity:.3}button{margin-left:10px}"""
+
+
+def scatter3d_html(panels: dict[str, dict], path: Path, title: str, note: str = "") -> None:
+    """A self-contained interactive 3-D scatter page (inline canvas + JavaScript: no library, no URL).
+
+    panels: name -> {"embedding": (N, 3), "labels": (N,) int, "subtitle": str}. Each panel
+    rotates by dragging (and spins until touched), zooms with the wheel, and hides or shows a
+    cluster when its legend entry is clicked. Coordinates are centred, scaled to [-1, 1] and
+    rounded to 3 decimals (the page stays ~20 bytes a point).
+    """
+    data = []
+    for name, p in panels.items():
+        emb = np.asarray(p["embedding"], dtype=float)[:, :3]
+        emb = emb - (emb.max(axis=0) + emb.min(axis=0)) / 2
+        emb = emb / max(float(np.abs(emb).max()), 1e-12)
+        lab = np.asarray(p["labels"]).astype(int)
+        data.append({"name": name, "subtitle": p["subtitle"],
+                     "colours": {str(k): v for k, v in cluster_colours(lab).items()},
+                     "points": [[round(float(a), 3), round(float(b), 3), round(float(c), 3), int(v)]
+                                for (a, b, c), v in zip(emb, lab)]})
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    Path(path).write_text(
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_VIEWER_CSS}</style></head>\n<body><h1>{html.escape(title)}</h1>"
+        f"<p>{html.escape(note)}</p><p>Drag to rotate, wheel to zoom, click a legend entry to hide or show "
+        f'a cluster.</p><div id="panels"></div>\n<script>\nconst PANELS = {payload};\n{_VIEWER_JS}</script>'
+        "</body></html>\n")

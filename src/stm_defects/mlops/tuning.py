@@ -7,7 +7,9 @@
 * :func:`write_best` / :func:`read_best` / :func:`apply_best` / :func:`load_tuned` -- the
   ``tuned.json`` file the ``train_ae1`` stage reads, and how it overrides ``params.yaml``.
 * :func:`tune_stage` -- the ``tune_ae1`` stage: writes ``tuned.json``, ``metrics.json``,
-  ``trials_ae1.csv`` and Optuna's plots.
+  ``trials_ae1.csv``, Optuna's plots and the latent-size comparison (``latent_sizes_ae1.png``:
+  the same held-out patches reconstructed by every latent size tried, and the loss curves; the
+  study tunes AE1 only, ``latent_sizes.md`` says so for AE2).
 
 The GMM needs no study: the ``gmm`` stage's :class:`models.cluster.GMMSelector` fits the whole
 k x covariance grid and keeps the lowest BIC.
@@ -55,6 +57,7 @@ __all__ = [
 
 LogTrial = Callable[..., None]      # log_trial(params, metrics, step_metrics, *, name=None, tags=None)
 BEST_FILE = "tuned.json"
+N_SHOWN = 8                         # held-out patches every trial reconstructs (the latent-size picture)
 _BEST_KEYS = {"ae1": ("latent",)}
 
 
@@ -132,6 +135,55 @@ def _trial_rows(study) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------- AE1
+def tuning_sets(patches: np.ndarray, max_patches: int | None, seed: int,
+                n_shown: int = N_SHOWN) -> tuple[np.ndarray, np.ndarray]:
+    """(training patches, shown patches) of a latent study; both (n, 1, s, s) float32.
+
+    The training set is the seeded subsample of at most `max_patches` (the same draw as without
+    shown patches, so a study's trials do not change). The `n_shown` shown patches, which every
+    trial reconstructs for the latent-size picture, are held out: drawn from the patches left
+    out of the subsample, or, when every patch is used, taken out of the training set (at most a
+    tenth of it). Among a seeded handful of candidates they are picked evenly over their
+    contrast (standard deviation), so the row runs from flat terrace to the most structured patch.
+    """
+    arr = np.asarray(patches, dtype=np.float32)
+    n = len(arr)
+    if max_patches is not None and n > max_patches:
+        train_idx = np.sort(np.random.default_rng(seed).choice(n, int(max_patches), replace=False))
+        pool = np.setdiff1d(np.arange(n), train_idx)
+    else:
+        train_idx, pool = None, np.arange(n)
+        n_shown = min(n_shown, n // 10)
+    n_shown = min(int(n_shown), len(pool))
+    if n_shown <= 0:
+        return (arr if train_idx is None else arr[train_idx]), arr[:0]
+    rng = np.random.default_rng([seed, 1])                 # apart from the subsample's stream
+    cand = rng.choice(pool, min(len(pool), 20 * n_shown), replace=False)
+    cand = cand[np.argsort(arr[cand].std(axis=(1, 2, 3)), kind="stable")]
+    shown_idx = cand[np.linspace(0, len(cand) - 1, n_shown).round().astype(int)]
+    train = arr[train_idx] if train_idx is not None else np.delete(arr, shown_idx, axis=0)
+    return train, arr[shown_idx]
+
+
+def latent_rows(study, shown: np.ndarray) -> list[dict]:
+    """One row per trial that trained a latent size (sorted by latent), for `plots.latent_sizes`:
+    ``latent``, ``state``, ``train_loss`` / ``val_loss`` (per epoch), ``rec`` (its reconstruction
+    of `shown`, (n, 1, s, s), None when the trial kept none) and ``mse`` (on `shown`)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if "latent" not in t.params or not t.intermediate_values:
+            continue
+        rec = t.user_attrs.get("shown_rec")
+        rec = np.asarray(rec, np.float32)[:, None] if rec is not None and len(shown) else None
+        if rec is not None and rec.shape != shown.shape:
+            rec = None                              # kept for other shown patches: not comparable
+        rows.append({"latent": int(t.params["latent"]), "state": t.state.name, "rec": rec,
+                     "mse": t.user_attrs.get("shown_mse") if rec is not None else None,
+                     "train_loss": list(t.user_attrs.get("train_loss", [])),
+                     "val_loss": [t.intermediate_values[k] for k in sorted(t.intermediate_values)]})
+    return sorted(rows, key=lambda r: r["latent"])
+
+
 def pruning_callback(trial, last_epoch: int | None = None) -> Callable[[int, float], bool]:
     """`should_stop(epoch, val_loss)` for `fit_autoencoder`: report to `trial`, ask its pruner.
 
@@ -152,14 +204,17 @@ def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequen
                     n_trials: int | None = None, epochs: int = 3, seed: int = 0, storage: str | None = None,
                     study_name: str = "ae1-latent", log_trial: LogTrial | None = None, *,
                     max_patches: int | None = 3000, batch_size: int | None = None, tolerance: float = 0.0,
-                    pruner=None) -> dict:
+                    pruner=None, n_shown: int = N_SHOWN) -> dict:
     """Search AE1's latent size; objective: best validation MSE after `epochs` epochs.
 
     Each trial builds ``base_ae_cfg`` with the trial's latent (weights seeded by `seed`, the same
     for every trial) and trains it with ``train_cfg`` (``epochs`` and, when given, `batch_size`
     replaced: a smaller batch gives a short run more optimiser steps) on a seeded subsample of at
     most `max_patches` patches. ``GridSampler(seed=seed)`` visits `n_trials` distinct latent
-    sizes (None: all) in a seeded order. The validation loss of every epoch goes to
+    sizes (None: all) in a seeded order. Every trial also reconstructs the same `n_shown`
+    held-out patches (:func:`tuning_sets`) and keeps them in the study (``shown_rec``, rounded to
+    4 decimals, and their MSE ``shown_mse``), so a resumed study can still draw the latent-size
+    picture. The validation loss of every epoch goes to
     ``trial.report``; `pruner` (default Optuna's ``MedianPruner(n_startup_trials=2,
     n_warmup_steps=1)``) stops trials worse than the median of earlier trials at the same epoch;
     the last epoch is never pruned. Each trial records the model's parameter count (``n_params``).
@@ -168,20 +223,17 @@ def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequen
     smallest one whose best loss is within ``(1 + tolerance)`` of the lowest loss (0: the lowest).
 
     Returns ``{"best_latent", "best_value", "min_loss_latent", "min_value", "study_name",
-    "study", "trials": [...]}``.
+    "study", "trials": [...], "shown": the held-out patches (n_shown, 1, s, s)}``.
     """
     import optuna
 
     from stm_defects.models import build_autoencoder, count_parameters
-    from stm_defects.models.training import fit_autoencoder
+    from stm_defects.models.training import fit_autoencoder, reconstruct
 
     latents = sorted({int(v) for v in latents})
     if not latents:
         raise TuningError("no latent sizes to search")
-    arr = np.asarray(patches, dtype=np.float32)
-    if max_patches is not None and len(arr) > max_patches:
-        idx = np.sort(np.random.default_rng(seed).choice(len(arr), int(max_patches), replace=False))
-        arr = arr[idx]
+    arr, shown = tuning_sets(patches, max_patches, seed, n_shown)
     tcfg = dataclasses.replace(train_cfg, epochs=int(epochs),
                                batch_size=int(batch_size or train_cfg.batch_size))
     if pruner is None:
@@ -191,7 +243,7 @@ def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequen
     n_trials = len(latents) if n_trials is None else min(int(n_trials), len(latents))
     name = f"{study_name}-" + _fingerprint(
         {"latents": latents, "seed": seed, "ae": base, "train": dataclasses.asdict(tcfg),
-         "pruner": _describe(pruner), "n_trials": n_trials}, arr)
+         "pruner": _describe(pruner), "n_trials": n_trials, "keeps": "shown_rec"}, arr, shown)
     sampler = optuna.samplers.GridSampler({"latent": latents}, seed=seed)
     study = _open_study(storage, name, sampler, pruner)
 
@@ -206,6 +258,10 @@ def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequen
         trial.set_user_attr("train_loss", train_losses)
         trial.set_user_attr("epochs_run", hist.epochs_run)
         trial.set_user_attr("patches_per_s", round(float(hist.patches_per_s), 1))
+        if len(shown):                          # before a prune: a pruned size is drawn as well
+            rec = reconstruct(model, shown, device=tcfg.device)                  # (n, 1, s, s)
+            trial.set_user_attr("shown_rec", np.round(rec[:, 0], 4).tolist())
+            trial.set_user_attr("shown_mse", float(np.mean((rec - shown) ** 2)))
         if hist.stop_reason == "should_stop":
             raise optuna.TrialPruned(f"latent {latent} pruned after epoch {hist.epochs_run - 1}")
         return float(hist.best_val_loss)
@@ -227,7 +283,7 @@ def tune_ae1_latent(patches: np.ndarray, base_ae_cfg, train_cfg, latents: Sequen
     return {"best_latent": int(chosen.params["latent"]), "best_value": float(chosen.value),
             "min_loss_latent": int(best.params["latent"]), "min_value": float(best.value),
             "tolerance": float(tolerance), "n_patches": len(arr), "study_name": name,
-            "study": study, "trials": _trial_rows(study)}
+            "study": study, "trials": _trial_rows(study), "shown": shown}
 
 
 # ---------------------------------------------------------------------------- best values
@@ -358,10 +414,14 @@ def tune_stage(params, patches_path: str | Path, out_dir: str | Path, tracker=No
                storage: str | None = None) -> dict:
     """The AE1 latent study on the training patches npz; writes `<out_dir>/tuned.json` + plots.
 
-    Writes ``tuned.json`` (the chosen values only), ``metrics.json``, ``trials_ae1.csv`` and
-    ``history_/importance_/intermediate_ae1.png``. Each trial is a nested MLflow run of
-    `tracker`'s stage run; the plots and files are artifacts of the stage run.
+    Writes ``tuned.json`` (the chosen values only), ``metrics.json``, ``trials_ae1.csv``,
+    ``history_/importance_/intermediate_ae1.png``, ``latent_sizes_ae1.png`` (one row of
+    reconstructions of the same held-out patches per latent size tried, beside every trial's
+    loss curves) and ``latent_sizes.md`` (the picture's table; AE2 has no study). Each trial is a
+    nested MLflow run of `tracker`'s stage run, the study's parent run; the plots and files are
+    artifacts of that run (folder ``tune``).
     """
+    from stm_defects.mlops import plots
     from stm_defects.mlops.tracking_tune import trial_logger
 
     tp = params.tune
@@ -387,6 +447,14 @@ def tune_stage(params, patches_path: str | Path, out_dir: str | Path, tracker=No
     write_csv(out / "trials_ae1.csv", r["trials"])
     files = [out / "trials_ae1.csv",
              *save_study_plots(r["study"], out, "ae1", params.seed, intermediate=True, importance=imp)]
+    rows = latent_rows(r["study"], r["shown"])
+    if rows and len(r["shown"]):
+        files.append(out / "latent_sizes_ae1.png")
+        plots.latent_sizes(r["shown"], rows, files[-1],
+                           f"AE1 latent sizes tried by the study ({r['n_patches']} training patches, "
+                           f"{tp.ae1_epochs} epochs each; chosen: {r['best_latent']})")
+    (out / "latent_sizes.md").write_text(latent_sizes_markdown(rows, r, len(r["shown"])))
+    files.append(out / "latent_sizes.md")
     write_best(out / BEST_FILE, best)
     write_json(out / "metrics.json", metrics)
     if tracker is not None:
@@ -396,6 +464,28 @@ def tune_stage(params, patches_path: str | Path, out_dir: str | Path, tracker=No
         tracker.tags({"tuned.ae1.latent": r["best_latent"], "ae1_study": r["study_name"]})
         tracker.artifacts(out / BEST_FILE, out / "metrics.json", *files, folder="tune")
     return metrics
+
+
+def latent_sizes_markdown(rows: list[dict], result: dict, n_shown: int) -> str:
+    """What ``latent_sizes_ae1.png`` shows, as a table per latent size, and why there is no AE2 one."""
+    lines = ["# Latent sizes tried by the Optuna study\n",
+             (f"`latent_sizes_ae1.png`: the same {n_shown} held-out patches (top row, not in the "
+              f"{result['n_patches']} training patches, ordered from flat to structured) reconstructed by "
+              "the AE1 of every latent size the study trained (one row each), and each trial's loss per epoch "
+              "(solid: validation, dashed: train). A pruned trial stopped early; its row shows the model at "
+              f"that point. Chosen latent: **{result['best_latent']}** (lowest validation loss at latent "
+              f"{result['min_loss_latent']}; the smallest latent within the tolerance of it wins).\n"),
+             "| latent | state | epochs | best validation MSE | MSE on the shown patches |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        best = min(row["val_loss"]) if row["val_loss"] else float("nan")
+        mse = "-" if row["mse"] is None else f"{row['mse']:.5f}"
+        lines.append(f"| {row['latent']} | {row['state'].lower()} | {len(row['val_loss'])} | {best:.5f} "
+                     f"| {mse} |")
+    lines += ["", ("AE2: no picture. The study tunes only AE1's latent size; AE2's latent is fixed in "
+                   "params.yaml (`ae2.latent`), so there is one AE2 model and its reconstructions are "
+                   "`models/ae2/reconstructions.png`.")]
+    return "\n".join(lines) + "\n"
 
 
 def stage(params, deps, outs, tracker, progress) -> dict:

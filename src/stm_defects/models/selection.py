@@ -8,6 +8,9 @@ HDBSCAN over parameter grids, scored beside K-means and the GMM, and a stated ch
 * :func:`choose_clusterer` -- the method the scores support, with the reason in words.
 * :func:`compare_clusterers` -- all of it on AE1 / AE2 latents: the one-table comparison.
 * :func:`truth_classes` -- the true class of each patch centre (synthetic scans).
+* :func:`tsne_views` / :func:`better_view` -- seeded 2-D and 3-D t-SNE embeddings of latents,
+  scored (trustworthiness, cluster separation in the view), and which view is worth showing.
+* :func:`bic_summary` -- the GMM's BIC grid (k x covariance type) reduced to what the choice needs.
 
 Arrays in, rows (dicts) out; noise is label -1, as scikit-learn writes it.
 """
@@ -26,8 +29,8 @@ from stm_defects.models.cluster import cluster_scores
 
 COLUMNS = ("method", "latent", "setting", "n_clusters", "noise", "silhouette", "davies_bouldin", "ari")
 
-__all__ = ["COLUMNS", "choose_clusterer", "compare_clusterers", "dbscan_grid", "eps_grid", "grid_summary", "hdbscan_grid",
-           "labelling_scores", "truth_classes"]
+__all__ = ["COLUMNS", "better_view", "bic_summary", "choose_clusterer", "compare_clusterers", "dbscan_grid",
+           "eps_grid", "grid_summary", "hdbscan_grid", "labelling_scores", "truth_classes", "tsne_views"]
 
 _NAN = float("nan")
 
@@ -192,3 +195,88 @@ def truth_classes(centres: np.ndarray, defects: list[dict], radius: float) -> np
     hit = dist[np.arange(len(centres)), near] <= radius
     out[hit] = np.array([int(d["class_id"]) for d in defects])[near[hit]]
     return out
+
+
+# ---------------------------------------------------------------------------------- t-SNE
+TRUST_MARGIN = 0.02     # trustworthiness a 3-D view must gain over 2-D to be the better picture
+
+
+def tsne_views(X: np.ndarray, labels: np.ndarray, dims: Sequence[int] = (2, 3), seed: int = 0,
+               perplexity: float = 30.0, max_iter: int = 500, n_neighbors: int = 10) -> dict[int, dict]:
+    """Seeded t-SNE embeddings of X (N, d), one per entry of `dims`, each scored.
+
+    Returns {dim: {"embedding": (N, dim) float32, "trustworthiness": how well the view keeps each
+    point's `n_neighbors` nearest latents as neighbours (scikit-learn's, 1 = perfectly),
+    "separation": silhouette of `labels` (N,) in the view (NaN below two clusters)}}.
+
+    scikit-learn gives the Student t of an n-D view n - 1 degrees of freedom: 3-D views have
+    lighter tails than 2-D ones and pull clusters apart less (lower separation for the same data).
+    Initialised by PCA, or at random for a view with more dimensions than the latents.
+    Barnes-Hut t-SNE runs on one thread: its parallel gradient sums in a machine-dependent order,
+    and two OpenMP threads on a busy 2-core machine were measured 3-7x slower than one. The
+    perplexity is capped below N / 3 so that tiny sets still embed.
+    """
+    from sklearn.manifold import TSNE, trustworthiness
+    from sklearn.metrics import silhouette_score
+    from threadpoolctl import threadpool_limits
+
+    X = np.asarray(X, dtype=np.float32)
+    labels = np.asarray(labels)
+    perp = float(min(perplexity, max(1.0, (len(X) - 1) / 3)))
+    k = int(min(n_neighbors, max(1, len(X) // 2 - 1)))      # trustworthiness needs k < N / 2
+    two_clusters = np.unique(labels).size >= 2
+    out = {}
+    for dim in dims:
+        with threadpool_limits(1):
+            init = "pca" if int(dim) <= X.shape[1] else "random"         # PCA cannot add dimensions
+            emb = TSNE(n_components=int(dim), perplexity=perp, max_iter=int(max_iter), init=init,
+                       random_state=seed).fit_transform(X).astype(np.float32)       # (N, dim)
+        out[int(dim)] = {"embedding": emb, "trustworthiness": float(trustworthiness(X, emb, n_neighbors=k)),
+                         "separation": float(silhouette_score(emb, labels)) if two_clusters else _NAN}
+    return out
+
+
+def better_view(views: dict[int, dict], margin: float = TRUST_MARGIN) -> tuple[int, str]:
+    """(2 or 3, reason): 3-D only when it keeps neighbourhoods clearly better (trustworthiness up
+    by more than `margin`) without separating the clusters worse; otherwise the 2-D view, which a
+    static picture shows without hiding points behind others. `views`: from :func:`tsne_views`."""
+    t2, t3 = views[2]["trustworthiness"], views[3]["trustworthiness"]
+    s2, s3 = views[2]["separation"], views[3]["separation"]
+    nums = (f"trustworthiness 2-D {t2:.3f} vs 3-D {t3:.3f}; "
+            f"cluster silhouette in the view {s2:.3f} vs {s3:.3f}")
+    if t3 - t2 > margin and not s3 < s2:
+        return 3, f"{nums}: the third axis keeps neighbourhoods clearly better (+{t3 - t2:.3f} > {margin})"
+    why = (f"the 3-D gain in trustworthiness ({t3 - t2:+.3f}) is within {margin}" if t3 - t2 <= margin
+           else "the clusters separate less in 3-D")
+    return 2, f"{nums}: {why}, so the flat view, which hides no points behind others, is the better picture"
+
+
+# ------------------------------------------------------------------------------------ BIC
+def bic_summary(grid: list[dict], k: int, covariance_type: str) -> dict:
+    """The GMM's BIC grid (rows with ``covariance_type``, ``k``, ``bic``, as ``GMMSelector.grid_``)
+    around the chosen (`k`, `covariance_type`).
+
+    Returns {"bic", "k", "covariance_type": the chosen setting, "settings": rows in the grid,
+    "runner_up": the next lowest setting {covariance_type, k, bic, delta}, "per_type": the best k
+    of each covariance type {covariance_type, k, bic, delta} (delta = BIC - chosen BIC, >= 0 when
+    the chosen is the minimum), "k_neighbours": the chosen type's BIC at k-1 and k+1 where fitted,
+    "k_range": (min, max) k fitted for the chosen type, "at_edge": the chosen k is the largest
+    fitted (above 1 setting), so the BIC may still fall beyond the searched range}."""
+    rows = sorted(({"covariance_type": str(g["covariance_type"]), "k": int(g["k"]), "bic": float(g["bic"])}
+                   for g in grid if math.isfinite(float(g["bic"]))), key=lambda g: g["bic"])
+    chosen = next(g for g in rows if g["k"] == int(k) and g["covariance_type"] == covariance_type)
+
+    def with_delta(g: dict) -> dict:
+        return {**g, "delta": g["bic"] - chosen["bic"]}
+
+    per_type = {}
+    for g in rows:                              # rows are sorted by BIC: first of a type is its best
+        per_type.setdefault(g["covariance_type"], with_delta(g))
+    others = [g for g in rows if g is not chosen]
+    same = {g["k"]: g["bic"] for g in rows if g["covariance_type"] == covariance_type}
+    return {"bic": chosen["bic"], "k": chosen["k"], "covariance_type": chosen["covariance_type"],
+            "settings": len(rows),
+            "runner_up": with_delta(others[0]) if others else None,
+            "per_type": list(per_type.values()),
+            "k_neighbours": {kk: same[kk] for kk in (int(k) - 1, int(k) + 1) if kk in same},
+            "k_range": (min(same), max(same)), "at_edge": len(same) > 1 and int(k) == max(same)}

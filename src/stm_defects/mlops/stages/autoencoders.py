@@ -3,20 +3,19 @@
 Each stage is `fn(params, deps, outs, tracker, progress) -> metrics` (see `mlops.dag`).
 
 Data-parallel training: the same two stages run under torchrun, one process per GPU (or CPU
-process), with this module as the entry point:
+process), with `mlops.torchrun` as the entry point:
 
-    torchrun --nproc_per_node 2 -m stm_defects.mlops.stages.autoencoders train_ae1 [--no-track]
+    torchrun --nproc_per_node 2 -m stm_defects.mlops.torchrun train_ae1 [--no-track]
 
 Every rank trains (`fit_autoencoder` under DistributedDataParallel, `models.distributed`); rank 0
 alone runs the stage as `python -m stm_defects.mlops.run` does (MLflow run, model files,
 registry), the other ranks run it untracked and write nothing (`fit` returns before its first
-write). Launched without torchrun, `main` is `mlops.run.main` for these two stages.
+write).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,47 +98,3 @@ def train_ae1(params, deps, outs, tracker, progress) -> dict:
 def train_ae2(params, deps, outs, tracker, progress) -> dict:
     """AE2 on the defect patches (lineage: the AE1 behind the defect mask)."""
     return fit(params, "ae2", deps["patches"], outs["model"], tracker, upstream={"ae1": deps["ae1"]})
-
-
-# ------------------------------------------------------------------------ torchrun entry point
-TRAIN_STAGES = ("train_ae1", "train_ae2")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`[torchrun ...] python -m stm_defects.mlops.stages.autoencoders STAGE [--no-track]`.
-
-    Opens the process group (nccl when the stage trains on CUDA, else gloo; one GPU per process
-    from LOCAL_RANK), then rank 0 runs `mlops.run.main` (tracked unless --no-track, model files,
-    the summary line) and every other rank runs the stage untracked, quietly, writing nothing.
-    A single process (no torchrun) is plain `mlops.run.main`.
-    """
-    import argparse
-
-    from stm_defects.config import load_params
-    from stm_defects.errors import ConfigError, StageError
-    from stm_defects.mlops import run
-    from stm_defects.models import distributed
-    from stm_defects.project import params_path, project_root
-
-    ap = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m stm_defects.mlops.stages.autoencoders",
-                                 description="Train AE1 or AE2 with one process per device (DDP).")
-    ap.add_argument("stage", choices=TRAIN_STAGES)
-    ap.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    args = ap.parse_args(argv)
-    try:
-        root = project_root()
-        params = load_params(params_path(root))
-    except (ConfigError, StageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    device = getattr(params, args.stage.replace("train_", "") + "_train").device
-    with distributed.process_group(device):
-        if distributed.is_main_process():
-            return run.main([args.stage] + (["--no-track"] if args.no_track else []))
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
-        run.run_stage(args.stage, params, root, track=False, show_progress=False)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
