@@ -87,9 +87,12 @@ def user_errors(fn):
 
 
 def log_failure(failure) -> None:
-    """With `--verbose`, the traceback of one failed file (an `analysis.predict.Failure`)."""
+    """With `--verbose`, the traceback of one failed file (an `analysis.predict.Failure`; one
+    from a worker process carries it as text)."""
     if failure.error is not None:
         log.debug("%s", failure.line(), exc_info=failure.error)
+    elif getattr(failure, "detail", ""):
+        log.debug("%s\n%s", failure.line(), failure.detail.rstrip())
 
 
 def file_failure(path, stage: str, err: Exception):
@@ -146,16 +149,19 @@ def override_config(override: Path | None, profile: str | None = None):
 
 
 def model_bundle(models: Path | None, model_stage: str, override: Path | None = None,
-                 profile: str | None = None):
-    """(Models, PredictConfig, provenance) from a local folder or the registry's `model_stage` set.
+                 profile: str | None = None, with_spec: bool = False):
+    """(Models, PredictConfig, provenance) from a local folder or the registry's `model_stage` set
+    (registry files come through the local model cache, `mlops.tracking.load_registered_files`).
 
     The prediction config is the one the models carry; `override` (a params.yaml) replaces it,
-    and the provenance says so. The override is read and checked first.
+    and the provenance says so. The override is read and checked first. ``with_spec`` adds a
+    fourth item: the `analysis.batch.ModelSpec` (verified file bytes) that worker processes load.
     """
     from stm_defects.analysis.dispatch import PredictConfig
     from stm_defects.errors import StageError
 
     cfg_override = override_config(override, profile)
+    spec = None
     if models is not None:
         from stm_defects.io.model_files import load_models
 
@@ -164,18 +170,28 @@ def model_bundle(models: Path | None, model_stage: str, override: Path | None = 
         bundle = load_models(models)
         where = f"models folder {models.resolve()}"
         stored = bundle.config   # verified against the folder's manifest by load_models
-    else:
-        from stm_defects.mlops.tracking import load_registered
+        if with_spec:
+            from stm_defects.analysis.batch import ModelSpec
 
-        bundle = load_registered(model_stage, _experiment())
+            spec = ModelSpec.from_folder(models, bundle)
+    else:
+        from stm_defects.mlops.tracking import load_registered_files
+
+        bundle, files = load_registered_files(model_stage, _experiment(), cache=True)
         v = bundle.versions["improved"]
         where = f"registry {v['name']} v{v['version']} ({v['stage']})"
         stored = bundle.config
+        if with_spec:
+            from stm_defects.analysis.batch import ModelSpec
+
+            spec = ModelSpec.from_files(files, bundle)
     if cfg_override is not None:
-        return bundle, cfg_override, {"source": f"override {override.resolve()}", "models": where}
-    if stored is None:
+        got = bundle, cfg_override, {"source": f"override {override.resolve()}", "models": where}
+    elif stored is None:
         raise StageError(f"{where} carries no prediction config: retrain it, or give --params FILE")
-    return bundle, PredictConfig.from_dict(stored, f"config of {where}"), {"source": where}
+    else:
+        got = bundle, PredictConfig.from_dict(stored, f"config of {where}"), {"source": where}
+    return (*got, spec) if with_spec else got
 
 
 PixelNmOpt = Annotated[float | None, typer.Option(
@@ -196,11 +212,13 @@ def check_calibration(pixel_nm: float | None, scan_nm: float | None) -> dict:
     return {"pixel_nm": pixel_nm, "scan_nm": scan_nm}
 
 
-def warn_uncalibrated(names: list[str]) -> None:
-    """One warning line for the scans analysed in pixel units."""
-    if names:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        typer.echo(f"warning: {len(names)} scan(s) carry no pixel size ({shown}): sizes and densities "
+def warn_uncalibrated(names: list[str], total: int | None = None) -> None:
+    """One warning line for the scans analysed in pixel units (``total`` of them, default
+    ``len(names)``; the first three names are shown)."""
+    total = len(names) if total is None else total
+    if total:
+        shown = ", ".join(names[:3]) + (f" and {total - 3} more" if total > 3 else "")
+        typer.echo(f"warning: {total} scan(s) carry no pixel size ({shown}): sizes and densities "
                    "are in pixels; give --pixel-nm or --scan-nm", err=True)
 
 
@@ -356,6 +374,9 @@ def classes(
 
 
 # ---------------------------------------------------------------------------------- predict
+ENGINES = ("local", "ray")
+
+
 @app.command()
 @user_errors
 def predict(
@@ -378,57 +399,155 @@ def predict(
                     "roughly how much memory one would need (a scan of 4096x4096, the default, needs about "
                     "2.5 GB).")
     ] = 4096 * 4096,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Scans predicted at once: worker processes (each loads the models once and uses one "
+                    "thread), or Ray actors with --engine ray. Each needs the memory of one scan "
+                    "(see --max-pixels).")] = 1,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Predict again the scans whose outputs in OUT are up to date.")] = False,
+    engine: Annotated[str, typer.Option(
+        help="local (this machine: in this process, or a process pool with --workers) or ray "
+             "(Ray Data; needs the package's `ray` extra installed).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="With --engine ray: the Ray cluster to join (e.g. ray://head:10001 or auto); default: a "
+             "local Ray with --workers CPUs, started and stopped by this command.")] = None,
 ):
     """Find and classify defects: per scan a JSON, an overlay, a class map and a character map.
 
     The detector and preprocessing settings are the ones stored with the models, so a model
     version gives the same result from any folder.
 
+    Outputs mirror the input tree: each scan's files are named by its path relative to the
+    common folder of PATHS, without the suffix (`day1/scan001.sxm` -> `OUT/day1/scan001.json`,
+    `_overlay.png`, `_classes.png`, `_character.png`); a single file gives `OUT/<stem>.json`.
+
+    Resumable: a scan whose outputs in OUT were made by the same models, the same settings and
+    from the same file (size and sha256) is skipped, unless --force; the count is shown.
+
     Each scan is isolated: one that fails (read, analyse or write) is skipped, and the batch
-    goes on. OUT always gets summary.csv (one row per scan predicted) and failures.csv (scan,
-    stage, reason; the header only when none failed); the exit code is 1 when any scan failed.
-    Every file is written whole (a temporary file, then a rename), a scan's JSON last. A second
-    `stm predict` into the same OUT while one runs is refused.
+    goes on. OUT always gets summary.csv, rebuilt from every JSON under OUT made by these models
+    and settings (others are left out, with a warning; see `analysis.batch.write_summary` for the
+    columns), and failures.csv (scan, stage, reason; the header only when none failed); the exit
+    code is 1 when any scan failed. Every file is written whole (a temporary file, then a
+    rename), a scan's JSON last. A second `stm predict` into the same OUT while one runs is
+    refused. The outputs are the same byte for byte whatever --workers or --engine.
     """
+    from stm_defects.errors import StageError
     from stm_defects.io.files import check_unlocked, output_folder, output_lock
 
     calibration = check_calibration(pixel_nm, scan_nm)
-    files = scan_files(paths)
+    if engine not in ENGINES:
+        raise StageError(f"--engine {engine}: use one of {', '.join(ENGINES)}")
+    if ray_address is not None and engine != "ray":
+        raise StageError("--ray-address needs --engine ray")
+    if engine == "ray":
+        from stm_defects.mlops.ray_engine import require_ray
+
+        require_ray()
+    files = _inputs_outside(scan_files(paths), out)
     check_unlocked(out)         # a run into OUT is under way: stop before loading anything
     # the override is checked first, then the models load; only then is anything written
-    bundle, cfg, provenance = model_bundle(models, model_stage, params, profile)
+    bundle, cfg, provenance, spec = model_bundle(models, model_stage, params, profile, with_spec=True)
     with output_lock(output_folder(out)):
-        _predict_batch(files, bundle, cfg, provenance, out, direction, calibration, max_pixels)
+        _predict_batch(files, paths, bundle, cfg, provenance, spec, out, direction, calibration, max_pixels,
+                       workers=workers, force=force, engine=engine, ray_address=ray_address)
 
 
-def _predict_batch(files, bundle, cfg, provenance, out: Path, direction, calibration, max_pixels) -> None:
-    """`stm predict`'s loop over `files` into `out` (locked by the caller), then its two tables."""
-    from stm_defects.analysis.predict import Failure, try_predict_scan, write_failures, write_summary
+def _inputs_outside(files: list[Path], out: Path) -> list[Path]:
+    """`files` less those inside OUT (pictures of an earlier run are not scans to predict); a
+    warning says how many were left out, and none left is a user error."""
+    from stm_defects.errors import StageError
 
-    rows, failed = [], []
-    with _progress(len(files), "predict") as bar:
-        for f in files:
-            got = try_predict_scan(f, bundle, cfg, out, direction=direction, provenance=provenance,
-                                   max_pixels=max_pixels, **calibration)
+    root = os.path.abspath(out)
+    keep = [f for f in files if os.path.commonpath([os.path.abspath(f), root]) != root]
+    if len(keep) < len(files):
+        typer.echo(f"warning: {len(files) - len(keep)} file(s) inside --out {out} are outputs, not scans: "
+                   "left out", err=True)
+        if not keep:
+            raise StageError(f"no scans found outside --out {out}")
+    return keep
+
+
+def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direction, calibration, max_pixels,
+                   *, workers: int = 1, force: bool = False, engine: str = "local",
+                   ray_address: str | None = None) -> None:
+    """`stm predict`'s batch into `out` (locked by the caller): skip what is up to date, predict the
+    rest (in this process, a process pool or Ray), then rebuild summary.csv and failures.csv.
+
+    Memory stays flat in the number of scans: results are counted as they come and not kept
+    (failures excepted); summary.csv is built from the JSONs on disk, one at a time."""
+    from stm_defects.analysis import batch
+    from stm_defects.analysis.predict import Failure, read_options, write_failures
+
+    options = read_options(direction, calibration["pixel_nm"], calibration["scan_nm"])
+    key = batch.RunKey.of(bundle, cfg, spec.fingerprint)
+    names = batch.output_names(files, batch.common_root(roots))
+    produced: set[str] = set()          # the JSONs (relative to OUT) this run wrote or found up to date
+    tasks = []
+    for i, (f, name) in enumerate(zip(files, names)):
+        done = None if force else batch.already_done(out, name, f, key, options)
+        if done is None:
+            tasks.append(batch.Task(i, str(f), name))
+        else:
+            produced.add(done)
+    n_skipped = len(files) - len(tasks)
+    job = batch.Job(cfg, str(out), provenance, options, max_pixels, spec.fingerprint, key.config)
+    failed: list[tuple[int, Failure]] = []
+    tally = {"done": 0, "defects": 0, "uncalibrated": 0}
+    uncalibrated: list[str] = []
+
+    with _progress(len(tasks), "predict") as bar:
+        def on_result(task, got) -> None:
             if isinstance(got, Failure):
                 log_failure(got)
-                failed.append(got)
+                failed.append((task.index, got))
             else:
-                rows.append(got)
+                produced.add(got["json"])
+                tally["done"] += 1
+                tally["defects"] += got["n_defects"]
+                if not got["calibrated"]:
+                    tally["uncalibrated"] += 1
+                    if len(uncalibrated) < 3:
+                        uncalibrated.append(Path(got["scan"]).name)
             bar.update(1)
-    warn_uncalibrated([Path(r["scan"]).name for r in rows if not r.get("pixel_nm")])
-    table_errors = []
-    for write, data, name in ((write_summary, rows, "summary.csv"), (write_failures, failed, "failures.csv")):
-        try:            # each table is tried, whatever became of the other
-            write(data, out / name)
-        except OSError as err:
-            table_errors.append(err)
-    typer.echo(f"{len(rows)} of {len(files)} scan(s), {sum(r['n_defects'] for r in rows)} defects -> {out} "
-               f"(summary {out / 'summary.csv'}; config from {provenance['source']})")
-    report_failures(failed, len(files), listed_in=out / "failures.csv", then_exit=False)
+
+        if engine == "ray" and tasks:
+            from stm_defects.mlops.ray_engine import predict_with_ray
+
+            predict_with_ray(tasks, spec, job, workers, on_result, address=ray_address)
+        elif workers > 1 and len(tasks) > 1:
+            batch.run_pool(tasks, spec, job, min(workers, len(tasks)), on_result)
+        else:
+            for task in tasks:
+                on_result(task, batch.predict_task(bundle, job, task))
+    failures = [f for _, f in sorted(failed, key=lambda x: x[0])]
+    warn_uncalibrated(uncalibrated, tally["uncalibrated"])
+    if n_skipped:
+        typer.echo(f"skipped {n_skipped} scan(s) already predicted into {out} with these models and settings "
+                   "(--force predicts them again)")
+    table_errors, report = [], None
+    try:            # each table is tried, whatever became of the other
+        report = batch.write_summary(out, out / "summary.csv", key, bundle, cfg, produced, {str(f) for f in files},
+                               options)
+    except OSError as err:
+        table_errors.append(err)
+    try:
+        write_failures(failures, out / "failures.csv")
+    except OSError as err:
+        table_errors.append(err)
+    if report is not None and report.stale:
+        typer.echo(f"warning: {report.stale} prediction JSON(s) under {out} were made by other models or settings "
+                   "and are left out of summary.csv; predict into a fresh --out to keep runs apart", err=True)
+    if report is not None and report.superseded:
+        typer.echo(f"warning: {report.superseded} older JSON(s) of scans of this run (a failed scan's, or "
+                   "under an older output name) are left out of summary.csv", err=True)
+    rows = f": {report.rows} scan(s)" if report is not None else ""
+    typer.echo(f"{tally['done']} of {len(files)} scan(s) predicted, {tally['defects']} defects -> {out} "
+               f"(summary {out / 'summary.csv'}{rows}; config from {provenance['source']})")
+    report_failures(failures, len(files), listed_in=out / "failures.csv", then_exit=False)
     if table_errors:
         raise table_errors[0]          # one line, by `user_errors`
-    if failed:
+    if failures:
         raise typer.Exit(1)
 
 

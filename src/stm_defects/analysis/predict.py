@@ -1,13 +1,23 @@
 """Per-scan prediction: read -> preprocess -> analyse -> JSON + pictures.
 
 `predict_scan` depends only on its arguments (a path, a `Models` bundle, a `PredictConfig`, an
-output folder), so a batch can be spread over processes or machines by any task runner. Each JSON
-records the prediction config, the model versions and the software version that produced it.
+output folder), so a batch can be spread over processes or machines by any task runner
+(`analysis.batch` runs one in a process pool, `mlops.ray_engine` on Ray). Each JSON records the
+prediction config, the model versions and the software version that produced it, and what a
+later run needs to tell whether it is still up to date: the input file's size and sha256
+(``input``), the read options (``options``: direction, pixel_nm, scan_nm) and the digest of
+the models' files and metadata (``models_sha256``, `analysis.batch.ModelSpec.fingerprint`).
+
+Output names: ``name`` is the scan's path relative to the batch's common root, without its
+suffix (`analysis.batch.output_names`), so ``OUT/day1/scan001.json`` and
+``OUT/day2/scan001.json`` never collide; a Matrix file adds its direction
+(``scan_forward-up``). Without a name, the file's stem is used.
 
 `try_predict_scan` is the batch form: it never raises for one bad scan (an `Exception`; a
 KeyboardInterrupt still stops the batch) and returns a `Failure` instead, naming the stage
 (read / analyse / write) and the reason on one line, with the exception kept for a traceback.
-`write_summary` and `write_failures` then write the two batch tables.
+`write_failures` writes failures.csv; summary.csv is built from the JSONs in the output folder
+(`analysis.batch.write_summary`).
 
 Memory: the default (improved) analysis needs about `PREDICT_BYTES_PER_PIXEL` bytes per scan
 pixel on top of `PREDICT_BASE_BYTES` (`predict_memory_bytes`); `check_size` refuses a scan over
@@ -17,6 +27,7 @@ a pixel limit up front, before any analysis, with that estimate in the message.
 from __future__ import annotations
 
 import re
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +37,7 @@ import numpy as np
 from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm, preprocess_scan
 from stm_defects.analysis.render import character_picture, class_picture, overlay_image
 from stm_defects.io.files import atomic_file, describe_os_error, save_png, write_csv, write_json
+from stm_defects.io.safe_models import file_sha256
 from stm_defects.io.scans import Scan, ScanError, read_scan, require_min_size
 from stm_defects.results import Analysis, Models
 
@@ -105,50 +117,117 @@ def check_size(scan: Scan, max_pixels: int | None) -> None:
                                    "downsample it, or raise --max-pixels if the machine has the memory")
 
 
+def input_identity(path: str | Path) -> dict:
+    """``{"bytes": size, "sha256": hex}`` of an input file, recorded in its JSON (``input``) so that
+    a later run can tell whether the file changed (`analysis.batch.already_done`)."""
+    path = Path(path)
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def read_options(direction: str | None = None, pixel_nm: float | None = None,
+                 scan_nm: float | None = None) -> dict:
+    """The options that change what is read from a file, as recorded in its JSON (``options``)."""
+    return {"direction": direction, "pixel_nm": pixel_nm, "scan_nm": scan_nm}
+
+
+def scan_conditions(meta: dict) -> dict:
+    """Tunnelling conditions and date from a scan's metadata, where its reader put them:
+    ``bias_V``, ``setpoint`` with ``setpoint_unit`` (as the file gives it, usually A), ``date``.
+
+    Nanonis (``bias_V``, ``setpoint``/``setpoint_unit``, ``date`` + ``time``), Omicron Matrix
+    (``bias`` in ``bias_unit`` V, ``setpoint``/``setpoint_unit``, ``date``) and RHK (``bias_V``,
+    ``setpoint_A``, ``date``) carry them; other formats give None."""
+    bias = meta.get("bias_V")
+    if bias is None and meta.get("bias") is not None and meta.get("bias_unit", "V") == "V":
+        bias = meta.get("bias")
+    setpoint, unit = meta.get("setpoint"), meta.get("setpoint_unit")
+    if setpoint is None and meta.get("setpoint_A") is not None:
+        setpoint, unit = meta.get("setpoint_A"), "A"
+    date = meta.get("date")
+    if date is not None and meta.get("time"):
+        date = f"{date} {meta['time']}"
+
+    def number(v):
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    return {"bias_V": number(bias), "setpoint": number(setpoint),
+            "setpoint_unit": None if number(setpoint) is None else (str(unit) if unit else None),
+            "date": None if date is None else str(date)}
+
+
 def predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_dir: str | Path,
                  direction: str | None = None, provenance: dict | None = None,
                  pixel_nm: float | None = None, scan_nm: float | None = None,
-                 max_pixels: int | None = None) -> dict:
-    """Write `<stem>_overlay.png`, `_classes.png`, `_character.png` and `<stem>.json`; return a
-    summary row. Any error propagates as raised (see `try_predict_scan` for the batch form).
+                 max_pixels: int | None = None, name: str | None = None,
+                 fingerprint: str | None = None) -> dict:
+    """Write `<name>_overlay.png`, `_classes.png`, `_character.png` and `<name>.json` (``name``:
+    the path relative to the output folder, default the file's stem); return a summary row.
+    Any error propagates as raised (see `try_predict_scan` for the batch form).
 
     ``pixel_nm`` / ``scan_nm`` calibrate a file that carries no pixel size (`io.scans.read_scan`);
     a scan of more than ``max_pixels`` pixels is refused before analysis (`check_size`).
+    ``fingerprint`` is recorded as the JSON's ``models_sha256``.
     """
     path = Path(path)
     scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm)
+    source = input_identity(path)
     check_size(scan, max_pixels)
     analysed = analyse_scan(scan, models, cfg)
-    return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance)
+    return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance, name=name, source=source,
+                            options=read_options(direction, pixel_nm, scan_nm), fingerprint=fingerprint)
+
+
+def output_stem(path: Path, scan: Scan, name: str | None = None) -> str:
+    """The output name of a scan (relative to the output folder, no suffix): ``name`` (default the
+    file's stem), plus the direction for a Matrix file, which holds several."""
+    stem = name if name is not None else path.stem
+    if path.suffix.lower() == ".z_mtrx":
+        stem = f"{stem}_{scan.direction.replace('/', '-')}"
+    return stem
 
 
 def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, Analysis, list[dict]],
                      models: Models, cfg: PredictConfig, out_dir: str | Path,
-                     provenance: dict | None = None) -> dict:
+                     provenance: dict | None = None, *, name: str | None = None, source: dict | None = None,
+                     options: dict | None = None, fingerprint: str | None = None) -> dict:
     """Write the pictures, then the JSON, of one analysed scan (`analyse_scan`'s result); return
     its summary row. Each file is written atomically, and the JSON last: a scan has a JSON only
-    when all its pictures were written."""
+    when all its pictures were written.
+
+    The JSON: ``image`` (the path as given), ``shape``, ``pixel_size_nm`` and its source,
+    ``channel``, ``direction``, ``crop_origin``, ``area_nm2`` (of the analysed, cropped image;
+    null without a pixel size), ``conditions`` (`scan_conditions`), ``input`` (`input_identity`),
+    ``options`` (`read_options`), ``models`` (versions), ``models_sha256``, ``software``,
+    ``config`` (where it came from, and ``values``) and ``defects``.
+
+    The row: ``scan``, ``stem``, ``json`` (the JSON's path relative to ``out_dir``, POSIX),
+    ``n_defects``, ``counts`` (per class label), ``area_nm2``, ``pixel_nm``.
+    """
     out = Path(out_dir)
     img, _, result, defects = analysed
-    stem = path.stem if path.suffix.lower() != ".z_mtrx" else f"{path.stem}_{scan.direction.replace('/', '-')}"
+    stem = output_stem(path, scan, name)
     local = [dict(r, name=d["name"]) for r, d in zip(result.regions, defects)]
     _save_picture(out / f"{stem}_overlay.png", overlay_image(img, local))
     save_png(out / f"{stem}_classes.png", class_picture(img, result.class_map))
     save_png(out / f"{stem}_character.png", character_picture(result.char_map))
+    area_nm2 = float(scan.height.size * scan.pixel_nm ** 2) if scan.pixel_nm else None
     write_json(out / f"{stem}.json", {
         "image": str(path), "shape": list(scan.original_shape or scan.height.shape),
         "pixel_size_nm": scan.pixel_nm, "pixel_size_source": scan.meta.get("pixel_nm_source"),
         "channel": scan.channel, "direction": scan.direction,
-        "crop_origin": list(scan.origin), "models": models.versions,
+        "crop_origin": list(scan.origin), "area_nm2": area_nm2,
+        "conditions": scan_conditions(scan.meta),
+        "input": source if source is not None else input_identity(path),
+        "options": options if options is not None else read_options(),
+        "models": models.versions, "models_sha256": fingerprint,
         "software": {"stm-defects": software_version()},
         "config": {**(provenance or {}), "values": cfg.to_dict()},
         "defects": defects,
     })
     counts = Counter("unclassified" if d["class"] is None else (d["name"] or f"class_{d['class']}")
                      for d in defects)
-    area_nm2 = (scan.height.size * scan.pixel_nm ** 2) if scan.pixel_nm else None
-    return {"scan": str(path), "stem": stem, "n_defects": len(defects), "counts": dict(counts),
-            "area_nm2": area_nm2, "pixel_nm": scan.pixel_nm}
+    return {"scan": str(path), "stem": stem, "json": f"{stem}.json", "n_defects": len(defects),
+            "counts": dict(counts), "area_nm2": area_nm2, "pixel_nm": scan.pixel_nm}
 
 
 def _save_picture(path: Path, picture) -> None:
@@ -162,11 +241,16 @@ def _save_picture(path: Path, picture) -> None:
 @dataclass(frozen=True)
 class Failure:
     """One scan of a batch that failed: its path, the stage (read / analyse / write) and the
-    reason on one line. ``error`` keeps the exception, for a traceback on request."""
+    reason on one line. ``error`` keeps the exception, for a traceback on request.
+
+    A failure that crosses a process boundary (`portable`) drops the exception, which may not be
+    picklable, and keeps its traceback as text (``detail``) and whether it was ``expected``."""
     scan: str
     stage: str
     reason: str
     error: BaseException | None = field(default=None, compare=False, repr=False)
+    detail: str = field(default="", compare=False, repr=False)
+    was_expected: bool | None = field(default=None, compare=False, repr=False)
 
     def line(self) -> str:
         """``path: stage failed: reason``."""
@@ -176,7 +260,27 @@ class Failure:
     def expected(self) -> bool:
         """True for a problem of the input itself (`ScanError`) or of the disk (`OSError`), whose
         one line says it all; False for anything else (a bug: the traceback helps)."""
+        if self.error is None and self.was_expected is not None:
+            return self.was_expected
         return isinstance(self.error, (ScanError, OSError))
+
+    def portable(self) -> Failure:
+        """This failure without the exception object (safe to pickle and send to another process):
+        its traceback as text in ``detail``, ``expected`` kept."""
+        if self.error is None:
+            return self
+        text = "".join(traceback.format_exception(type(self.error), self.error, self.error.__traceback__))
+        return Failure(self.scan, self.stage, self.reason, None, text, self.expected)
+
+    def to_dict(self) -> dict:
+        """A plain-JSON form of `portable` (for engines that carry results as JSON)."""
+        p = self.portable()
+        return {"scan": p.scan, "stage": p.stage, "reason": p.reason, "detail": p.detail,
+                "expected": p.expected}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Failure:
+        return cls(d["scan"], d["stage"], d["reason"], None, d.get("detail", ""), d.get("expected"))
 
 
 def failure_reason(err: BaseException) -> str:
@@ -196,43 +300,27 @@ def failure_reason(err: BaseException) -> str:
 def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_dir: str | Path,
                      direction: str | None = None, provenance: dict | None = None,
                      pixel_nm: float | None = None, scan_nm: float | None = None,
-                     max_pixels: int | None = None) -> dict | Failure:
+                     max_pixels: int | None = None, name: str | None = None,
+                     fingerprint: str | None = None) -> dict | Failure:
     """`predict_scan` for a batch: the summary row, or the `Failure` of the stage that raised.
 
-    Stages: read (the file, and the size check), analyse (preprocessing and the method), write
-    (pictures and JSON). Any `Exception` becomes a `Failure`; the files of other scans are
-    untouched.
+    Stages: read (the file, its sha256, and the size check), analyse (preprocessing and the
+    method), write (pictures and JSON). Any `Exception` becomes a `Failure`; the files of other
+    scans are untouched.
     """
     path, stage = Path(path), "read"
     try:
         scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm)
+        source = input_identity(path)
         check_size(scan, max_pixels)
         stage = "analyse"
         analysed = analyse_scan(scan, models, cfg)
         stage = "write"
-        return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance)
+        return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance, name=name,
+                                source=source, options=read_options(direction, pixel_nm, scan_nm),
+                                fingerprint=fingerprint)
     except Exception as err:  # noqa: BLE001 - one bad scan must not end the batch
         return Failure(str(path), stage, failure_reason(err), err)
-
-
-def write_summary(rows: list[dict], path: str | Path) -> None:
-    """summary.csv: defect counts per class per scan, and densities per nm^2 when known; one row
-    per scan predicted (none: the header only). Written atomically."""
-    classes = sorted({c for r in rows for c in r["counts"]})
-    fields = ["scan", "n_defects", "area_nm2", *classes, *(f"{c}_per_nm2" for c in classes),
-              "defects_per_nm2"]
-    table = []
-    for r in rows:
-        area = r["area_nm2"]
-        row = {"scan": r["scan"], "n_defects": r["n_defects"],
-               "area_nm2": round(area, 3) if area else "",
-               "defects_per_nm2": round(r["n_defects"] / area, 6) if area else ""}
-        for c in classes:
-            n = r["counts"].get(c, 0)
-            row[c] = n
-            row[f"{c}_per_nm2"] = round(n / area, 6) if area else ""
-        table.append(row)
-    write_csv(path, table, fields)
 
 
 FAILURE_FIELDS = ["scan", "stage", "reason"]

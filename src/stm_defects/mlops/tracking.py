@@ -50,6 +50,15 @@ promotion moves that one alias, a single database write, so a reader sees the ol
 one, never a mix. `load_registered` resolves the set's alias first, then loads exactly the pinned
 versions, each checked against the pinned sha256. The five models' own `production`/`staging`
 aliases and `stage` tags mirror the set's for `stm models` and the MLflow UI; nothing reads them.
+
+Model cache: `stm predict` and `stm classes` load the set through `load_registered_files(cache=
+True)`. The verified files are kept in a local cache (`model_cache_dir`: `$STM_MODEL_CACHE`, else
+`~/.cache/stm-defects/models`; `STM_MODEL_CACHE=off` turns it off), content-addressed by the sha256
+the set pins. A warm load reads the alias, the set's pins and the members' tags straight from the
+SQLite store (read-only; `_fast_serving_set`, with the same pin checks), hashes each cached file
+against its pin and reads it with the same safe readers: no MLflow import, about 0.2 s instead of
+5+ s (`benchmarks/bench_batch.py`). Any miss or anomaly takes the MLflow path, which refills the
+cache. `load_registered` (the library call) does not use the cache unless asked.
 """
 
 from __future__ import annotations
@@ -704,11 +713,12 @@ def _promotion_run(client, experiment: str) -> str:
     return run.info.run_id
 
 
-def _set_members(client, set_mv) -> dict:
-    """key -> the member versions a set pins, each checked against the sha256 the set pinned."""
+def _set_members(client, set_mv, get=None) -> dict:
+    """key -> the member versions a set pins, each checked against the sha256 the set pinned.
+    ``get(key, version)`` fetches a member version (default: `resolve_version` with ``client``)."""
     out = {}
     for key, version in _pins(set_mv).items():
-        mv = resolve_version(client, key, version)
+        mv = get(key, version) if get is not None else resolve_version(client, key, version)
         pinned = set_mv.tags.get(f"{key}_sha256", "")
         if not pinned or mv.tags.get("sha256") != pinned:
             raise TrackingError(f"{mv.name} v{version}: its sha256 tag is not the one {SET_NAME} v{set_mv.version} "
@@ -993,29 +1003,22 @@ def registered_versions(stage: str = "Production", experiment: str = "stm-defect
     return {**{k: int(mv.version) for k, mv in mvs.items()}, "set": int(set_mv.version)}
 
 
-def _load_version(key: str, mv, dst: Path):
-    """Model `key` of registry version `mv`: download its one file, check the sha256 tag, load it.
+def _download_verified(key: str, mv, dst: Path) -> tuple[Path, bytes]:
+    """(local path, bytes) of model `key`'s one file of registry version `mv`, downloaded into `dst`
+    and checked against the version's `sha256` tag.
 
-    Only `safe_models.MODEL_FILES[key]` is downloaded (whatever else lies in the artifact folder),
-    and it is read only when its bytes hash to the version's `sha256` tag; checkpoints with
-    `torch.load(weights_only=True)`, the rest with the safe `.npz` reader. Refusals are one line
-    naming the model, the version and the file.
+    Only `safe_models.MODEL_FILES[key]` is downloaded (whatever else lies in the artifact folder).
+    Refusals are one line naming the model, the version and the file.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from stm_defects.io import safe_models
-    from stm_defects.io.model_files import AUTOENCODERS, autoencoder_from_file
 
     file = safe_models.MODEL_FILES[key]
     where = f"{mv.name} v{mv.version}"
-    if mv.tags.get("file") != file:
-        raise TrackingError(f"{where} was registered in the old pickle-based format (no `file` tag); it is "
-                            "not loaded, since such files can run code: retrain with `make run` and promote "
-                            "the new set")
-    expected = mv.tags.get("sha256", "")
-    if len(expected) != 64:
-        raise TrackingError(f"{where}: no valid sha256 tag, so {file} cannot be verified; refusing to load it")
+    _check_file_tags(key, mv)
+    expected = mv.tags["sha256"]
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # no tqdm bars on stderr
     dst.mkdir(parents=True, exist_ok=True)
     try:
@@ -1028,44 +1031,254 @@ def _load_version(key: str, mv, dst: Path):
     if actual != expected:
         raise TrackingError(f"{where}: {file} has sha256 {actual[:12]}..., not the registered "
                             f"{expected[:12]}...; refusing to load it (the artifact changed after registration)")
+    return local, data
+
+
+def _check_file_tags(key: str, mv) -> None:
+    """Refuse a version without the `file` tag of the safe format, or without a valid sha256 tag."""
+    from stm_defects.io import safe_models
+
+    file = safe_models.MODEL_FILES[key]
+    where = f"{mv.name} v{mv.version}"
+    if mv.tags.get("file") != file:
+        raise TrackingError(f"{where} was registered in the old pickle-based format (no `file` tag); it is "
+                            "not loaded, since such files can run code: retrain with `make run` and promote "
+                            "the new set")
+    if len(mv.tags.get("sha256", "")) != 64:
+        raise TrackingError(f"{where}: no valid sha256 tag, so {file} cannot be verified; refusing to load it")
+
+
+def _model_from(key: str, path: Path, data: bytes, where: str):
+    """The model in verified file bytes `data` (also at `path`, for the checkpoint reader):
+    checkpoints with `torch.load(weights_only=True)`, the rest with the safe `.npz` reader."""
+    from stm_defects.io import safe_models
+    from stm_defects.io.model_files import AUTOENCODERS, autoencoder_from_file
+
     if key in AUTOENCODERS:
-        return autoencoder_from_file(local).eval()
-    return safe_models.loads(data, key, f"{where} {file}")
+        return autoencoder_from_file(path).eval()
+    return safe_models.loads(data, key, f"{where} {safe_models.MODEL_FILES[key]}")
 
 
-def load_registered(stage: str = "Production", experiment: str = "stm-defects"):
-    """A `results.Models` from the model set that holds `stage`'s alias.
+def _load_version(key: str, mv, dst: Path):
+    """Model `key` of registry version `mv`: download its one file, check the sha256 tag, load it
+    without pickle (see `_download_verified`, `_model_from`)."""
+    local, data = _download_verified(key, mv, dst)
+    return _model_from(key, local, data, f"{mv.name} v{mv.version}")
 
-    The set's alias is read once; then exactly the versions it pins are loaded, each checked against
-    the sha256 the set pinned, and each file against its version's `sha256` tag before it is read
-    without pickle (see `_load_version`). The five models' own aliases are not read, so a promotion
-    running meanwhile cannot give a mixed set.
-    `Models.config` is the prediction config stored with the `stm-improved` version (the last
-    model every pipeline registers, with the resolved params of that pipeline run).
-    """
+
+# ------------------------------------------------------------------------------ model cache
+ENV_CACHE = "STM_MODEL_CACHE"
+_CACHE_OFF = ("0", "off", "no", "false", "none")
+
+
+def model_cache_dir() -> Path | None:
+    """The local cache of registry model files: `$STM_MODEL_CACHE` (``off`` or ``0`` turns it
+    off: None), else `$XDG_CACHE_HOME/stm-defects/models`, else `~/.cache/stm-defects/models`.
+
+    Entries are content-addressed: `<cache>/<sha256[:2]>/<sha256>/<file>`, one per model file,
+    named by the sha256 the registry pinned. A model set is found in it through its pins (so the
+    set version, read from the registry, keys it); every entry is hashed again before use, and a
+    wrong one is ignored (and replaced by the next cold load). Nothing is evicted; delete the
+    folder to empty it."""
+    value = os.environ.get(ENV_CACHE)
+    if value is not None and value.strip().lower() in _CACHE_OFF:
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stm-defects" / "models"
+
+
+def _cache_entry(cache: Path, sha256: str, file: str) -> Path:
+    return cache / sha256[:2] / sha256 / file
+
+
+def _cache_get(cache: Path, sha256: str, file: str) -> tuple[Path, bytes] | None:
+    """(path, bytes) of a cached file whose bytes hash to `sha256`; None when absent or wrong."""
+    from stm_defects.io.safe_models import sha256_hex
+
+    path = _cache_entry(cache, sha256, file)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if sha256_hex(data) != sha256:
+        log.info("model cache: %s does not match its sha256; ignoring it", path)
+        return None
+    return path, data
+
+
+def _cache_put(cache: Path, sha256: str, file: str, data: bytes) -> None:
+    """Store verified bytes (atomically); a cache that cannot be written is skipped, not an error."""
+    from stm_defects.io.files import atomic_file
+
+    path = _cache_entry(cache, sha256, file)
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with atomic_file(path, "wb") as fh:
+            fh.write(data)
+    except OSError as err:
+        log.debug("model cache: cannot write %s (%s)", path, err)
+
+
+class _Version:
+    """A registry model version read straight from the SQLite store (what `_fast_serving_set`
+    returns): the attributes of MLflow's `ModelVersion` that loading uses."""
+
+    __slots__ = ("name", "version", "tags", "source")
+
+    def __init__(self, name: str, version, tags: dict, source: str):
+        self.name, self.version, self.tags, self.source = name, str(version), tags, source
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The database file of a `sqlite:///PATH` tracking URI; None for any other store."""
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return None
+    path = uri[len("sqlite:///"):]
+    return path if path and os.path.isfile(path) else None
+
+
+def _fast_serving_set(uri: str, alias: str):
+    """`_serving_set` without MLflow (whose import alone takes seconds): the set holding `alias`
+    and its members read from the SQLite store, read-only, with the same checks (the pins, each
+    member's sha256 tag against its pin). None whenever anything is not as expected (another
+    store, another schema, no set, a check failing): the caller then takes the MLflow path,
+    which gives the authoritative error."""
+    import sqlite3
+    from urllib.parse import quote
+
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    try:
+        con = sqlite3.connect(f"file:{quote(os.path.abspath(db))}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error:
+        return None
+    try:
+        def version(name: str, number) -> _Version:
+            row = con.execute("SELECT source, current_stage FROM model_versions WHERE workspace = 'default' "
+                              "AND name = ? AND version = ?", (name, int(number))).fetchone()
+            if row is None or row[1] == "Deleted_Internal":
+                raise LookupError(f"{name} v{number}")
+            tags = dict(con.execute("SELECT key, value FROM model_version_tags WHERE workspace = 'default' "
+                                    "AND name = ? AND version = ?", (name, int(number))).fetchall())
+            return _Version(name, number, tags, row[0] or "")
+
+        row = con.execute("SELECT version FROM registered_model_aliases WHERE workspace = 'default' "
+                          "AND name = ? AND alias = ?", (SET_NAME, alias)).fetchone()
+        if row is None:
+            return None
+        set_mv = version(SET_NAME, row[0])
+        members = _set_members(None, set_mv, lambda key, v: version(MODEL_NAMES[key], v))
+        return set_mv, members
+    except (sqlite3.Error, LookupError, TrackingError, ValueError):
+        return None
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------------------------- loading
+def _registered_models(alias: str, mvs: dict, loaded: dict):
+    """The `results.Models` of the loaded members `loaded` of versions `mvs` (see `load_registered`)."""
     from stm_defects.results import Models
 
-    alias = stage.lower()
-    client = _client(experiment)
-    set_mv, mvs = _serving_set(client, alias)
     versions = {key: {"name": mv.name, "version": int(mv.version), "stage": STAGES[alias]}
                 for key, mv in mvs.items()}
     tags = {key: mv.tags for key, mv in mvs.items()}
-    if "config" not in tags["improved"]:
-        raise TrackingError(f"{MODEL_NAMES['improved']} v{versions['improved']['version']} carries no "
-                            "prediction config (registered by an older version): retrain with `make run`")
-    loaded = {}
-    with tempfile.TemporaryDirectory(prefix="stm-registry-") as tmp:
-        for key, mv in mvs.items():
-            loaded[key] = _load_version(key, mv, Path(tmp) / key)
     calibration = json.loads(tags["gmm"].get("calibration", "{}"))
     config = json.loads(tags["improved"]["config"])
     classifier = "improved" if config.get("method", "improved") == "improved" else "gmm"
     class_names = {"-1": "unknown", **json.loads(tags[classifier].get("class_names", "{}"))}
-    models = Models(ae1=loaded["ae1"].eval(), kmeans=loaded["kmeans"], ae2=loaded["ae2"].eval(),
-                    gmm=loaded["gmm"], calibration=calibration, versions=versions, class_names=class_names,
-                    improved=loaded.get("improved"), config=config)
-    return models
+    return Models(ae1=loaded["ae1"].eval(), kmeans=loaded["kmeans"], ae2=loaded["ae2"].eval(),
+                  gmm=loaded["gmm"], calibration=calibration, versions=versions, class_names=class_names,
+                  improved=loaded.get("improved"), config=config)
+
+
+def _check_alias(stage: str) -> str:
+    alias = stage.lower()
+    if alias not in ("production", "staging"):
+        raise TrackingError(f"can only predict with Production or Staging models, not {alias!r}")
+    return alias
+
+
+def _load_warm(alias: str, cache: Path):
+    """(Models, files) of the set holding `alias` from the cache alone (no MLflow import), or None
+    on any miss: every member's file must be cached and hash to the set's pin."""
+    from stm_defects.io.safe_models import MODEL_FILES
+    from stm_defects.project import tracking_uri
+
+    found = _fast_serving_set(tracking_uri(), alias)
+    if found is None:
+        return None
+    _, mvs = found
+    if "config" not in mvs["improved"].tags:
+        return None
+    hits = {}
+    for key, mv in mvs.items():
+        try:
+            _check_file_tags(key, mv)
+        except TrackingError:
+            return None
+        hit = _cache_get(cache, mv.tags["sha256"], MODEL_FILES[key])
+        if hit is None:
+            return None
+        hits[key] = hit
+    loaded = {key: _model_from(key, path, data, f"{mvs[key].name} v{mvs[key].version}")
+              for key, (path, data) in hits.items()}
+    files = {key: (MODEL_FILES[key], data) for key, (_, data) in hits.items()}
+    log.debug("model set of %s loaded from the cache %s", alias, cache)
+    return _registered_models(alias, mvs, loaded), files
+
+
+def load_registered_files(stage: str = "Production", experiment: str = "stm-defects", cache: bool = True):
+    """(Models, files) of the model set holding `stage`'s alias: `load_registered`'s models, and
+    the verified bytes of each model file (key -> (file name, bytes)), e.g. for
+    `analysis.batch.ModelSpec`.
+
+    With ``cache`` (and `model_cache_dir` not turned off), a warm load reads the alias, the set's
+    pins and the members' tags straight from the SQLite store (read-only, no MLflow import) and
+    the files from the cache, each hashed against the set's pin: about a second instead of the
+    several seconds MLflow's import alone takes. Anything missing or unexpected falls back to the
+    MLflow path below, which then fills the cache with the files it verified.
+    """
+    alias = _check_alias(stage)
+    cache_dir = model_cache_dir() if cache else None
+    if cache_dir is not None:
+        warm = _load_warm(alias, cache_dir)
+        if warm is not None:
+            return warm
+    from stm_defects.io.safe_models import MODEL_FILES
+
+    client = _client(experiment)
+    set_mv, mvs = _serving_set(client, alias)
+    if "config" not in mvs["improved"].tags:
+        raise TrackingError(f"{MODEL_NAMES['improved']} v{mvs['improved'].version} carries no "
+                            "prediction config (registered by an older version): retrain with `make run`")
+    loaded, files = {}, {}
+    with tempfile.TemporaryDirectory(prefix="stm-registry-") as tmp:
+        for key, mv in mvs.items():
+            local, data = _download_verified(key, mv, Path(tmp) / key)
+            loaded[key] = _model_from(key, local, data, f"{mv.name} v{mv.version}")
+            files[key] = (MODEL_FILES[key], data)
+            if cache_dir is not None:
+                _cache_put(cache_dir, mv.tags["sha256"], MODEL_FILES[key], data)
+    return _registered_models(alias, mvs, loaded), files
+
+
+def load_registered(stage: str = "Production", experiment: str = "stm-defects", cache: bool = False):
+    """A `results.Models` from the model set that holds `stage`'s alias.
+
+    The set's alias is read once; then exactly the versions it pins are loaded, each checked against
+    the sha256 the set pinned, and each file against its version's `sha256` tag before it is read
+    without pickle (see `_download_verified`). The five models' own aliases are not read, so a
+    promotion running meanwhile cannot give a mixed set.
+    `Models.config` is the prediction config stored with the `stm-improved` version (the last
+    model every pipeline registers, with the resolved params of that pipeline run).
+    ``cache``: use and fill the local model cache (`load_registered_files`; `stm predict` and
+    `stm classes` do); off by default, so that a library call always reads the registry's files.
+    """
+    return load_registered_files(stage, experiment, cache)[0]
 
 
 def _production_member(client, key: str):
