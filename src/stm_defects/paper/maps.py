@@ -19,7 +19,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from sklearn.exceptions import NotFittedError
 
-from stm_defects.image.windows import extract_windows, mean_map, vote_map
+from stm_defects.image.windows import extract_windows, mean_map, vote_map, window_origins
 
 __all__ = ["character_map", "colourise", "error_map"]
 
@@ -49,6 +49,7 @@ def character_map(
     size: int = 32,
     stride: int = 4,
     batch: int = 4096,
+    encode_windows_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Character map of an image scaled to [0, 1].
 
@@ -58,13 +59,23 @@ def character_map(
     ``fit_predict``).  Each pixel takes the majority label of the windows
     covering it.
 
+    ``encode_windows_fn(img (H,W), origins (N,2)) -> latents (N,d)``, if given,
+    replaces ``encode_fn``: it encodes the windows straight from the image
+    (e.g. ``models.dense.encode_windows``, which shares the convolutions of
+    overlapping windows and returns the same latents), so the patches are
+    never extracted.
+
     Returns ``(char_map (H,W) int64, window labels (N,), origins (N,2))``.
     """
     img = np.asarray(img01, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {img.shape}")
-    patches, origins = extract_windows(img, size, stride)
-    latents = _batched(encode_fn, patches, batch).reshape(len(patches), -1)
+    if encode_windows_fn is not None:
+        origins = window_origins(img.shape, size, stride)
+        latents = np.asarray(encode_windows_fn(img, origins)).reshape(len(origins), -1)
+    else:
+        patches, origins = extract_windows(img, size, stride)
+        latents = _batched(encode_fn, patches, batch).reshape(len(patches), -1)
     try:
         labels = kmeans.predict(latents)
     except NotFittedError:
