@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from stm_defects.analysis.figures import defect_crops, defect_heights, scan_figure
-from stm_defects.analysis.report import density_table, write_report
+from stm_defects.analysis.report import density_table, scan_record, write_report
 
 
 class _Collect(HTMLParser):
@@ -41,9 +42,11 @@ def _scan_json(out: Path, name: str, n_def: int, px: float | None, seed: int) ->
         strip.save(out / f"{name}_defects.png")
     for i, d in enumerate(defects):
         d["crop"] = i
-    return {"json_path": f"{name}.json", "image": f"/data/{name}.sxm", "shape": [128, 128], "pixel_size_nm": px,
-            "models": {"improved": "stm-improved v3"}, "software": {"stm-defects": "0.1"},
-            "config": {"source": "registry", "values": {"method": "improved"}}, "defects": defects}
+    doc = {"image": f"/data/{name}.sxm", "shape": [128, 128], "pixel_size_nm": px,
+           "models": {"improved": "stm-improved v3"}, "software": {"stm-defects": "0.1"},
+           "config": {"source": "registry", "values": {"method": "improved"}}, "defects": defects}
+    (out / f"{name}.json").write_text(json.dumps(doc))
+    return f"{name}.json"
 
 
 @pytest.fixture()
@@ -84,17 +87,18 @@ def test_report_sections_and_numbers(report):
 
 
 def test_density_table_counts_and_intervals():
-    scans = [{"shape": [100, 100], "pixel_size_nm": 0.1, "defects": [{"class": 0}] * k} for k in (1, 2, 3, 4, 5)]
-    rows, method = density_table(scans, {})
+    scans = [scan_record({"shape": [100, 100], "pixel_size_nm": 0.1, "defects": [{"class": 0}] * k}, {})
+             for k in (1, 2, 3, 4, 5)]
+    rows, method = density_table(scans)
     allrow = next(r for r in rows if r["class"] == "all defects")
     assert allrow["count"] == 15
     assert allrow["per_100nm2"] == pytest.approx(100 * 15 / 500)      # 5 scans of 100 nm^2
     assert allrow["lo"] < allrow["per_100nm2"] < allrow["hi"]
     assert "bootstrap" in method
-    rows, method = density_table(scans[:2], {})
+    rows, method = density_table(scans[:2])
     assert "Poisson" in method
     assert all(r["lo"] <= r["per_100nm2"] <= r["hi"] for r in rows)
-    assert density_table([{"shape": [10, 10], "pixel_size_nm": None, "defects": []}], {})[0] == []
+    assert density_table([scan_record({"shape": [10, 10], "pixel_size_nm": None, "defects": []}, {})])[0] == []
 
 
 def test_heights_sign_and_scale():

@@ -535,6 +535,14 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
         write_failures(failures, out / "failures.csv")
     except OSError as err:
         table_errors.append(err)
+    if report is not None:
+        from stm_defects.analysis.report import write_report
+
+        try:            # the page a person opens: densities, gallery, histograms, every scan
+            write_report(out, report.jsons, bundle.class_names, load=batch.read_prediction,
+                         failures=[{"scan": f.scan, "stage": f.stage, "reason": f.reason} for f in failures])
+        except OSError as err:
+            table_errors.append(err)
     if report is not None and report.stale:
         typer.echo(f"warning: {report.stale} prediction JSON(s) under {out} were made by other models or settings "
                    "and are left out of summary.csv; predict into a fresh --out to keep runs apart", err=True)
@@ -543,7 +551,8 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
                    "under an older output name) are left out of summary.csv", err=True)
     rows = f": {report.rows} scan(s)" if report is not None else ""
     typer.echo(f"{tally['done']} of {len(files)} scan(s) predicted, {tally['defects']} defects -> {out} "
-               f"(summary {out / 'summary.csv'}{rows}; config from {provenance['source']})")
+               f"(summary {out / 'summary.csv'}{rows}; report {out / 'report.html'}; "
+               f"config from {provenance['source']})")
     report_failures(failures, len(files), listed_in=out / "failures.csv", then_exit=False)
     if table_errors:
         raise table_errors[0]          # one line, by `user_errors`

@@ -36,3 +36,5 @@ class Analysis:
     class_map: np.ndarray       # (H, W) int, class per masked pixel, -1 elsewhere
     display: np.ndarray | None = None   # (H, W) float32: the scan as pictures show it (improved:
                                         # each terrace levelled); None: the preprocessed image
+    z_per_unit: float | None = None     # heights (nm) per unit of the display, set by whoever
+                                        # preprocessed the scan; None: unknown (a.u.)

@@ -480,6 +480,7 @@ class SummaryReport:
     rows: int = 0
     stale: int = 0
     superseded: int = 0
+    jsons: list[str] = field(default_factory=list)   # the JSONs summarised, relative to OUT
 
 
 def write_summary(out: Path, path: Path, key: RunKey, models: Models, cfg: PredictConfig,
@@ -533,4 +534,5 @@ def write_summary(out: Path, path: Path, key: RunKey, models: Models, cfg: Predi
                 continue
             writer.writerow(summary_row(doc, rel, labels, model_keys))
             report.rows += 1
+            report.jsons.append(rel)
     return report

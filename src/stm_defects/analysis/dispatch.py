@@ -61,12 +61,13 @@ def image_pixel_nm(scan: Scan, scale: float) -> float | None:
     return None if scan.pixel_nm is None else scan.pixel_nm / scale
 
 
-def preprocess_scan(scan: Scan, cfg: PreprocessConfig, min_side: int = 8) -> tuple[np.ndarray, float]:
+def preprocess_scan(scan: Scan, cfg: PreprocessConfig, min_side: int = 8,
+                    span_out: dict | None = None) -> tuple[np.ndarray, float]:
     """`preprocess` one scan: (img01 float32, scale). A resampling to ``cfg.target_pixel_nm`` that
     would leave a side under ``min_side`` pixels (or make an absurdly large image) is refused up
-    front as a `ScanError` naming the file."""
+    front as a `ScanError` naming the file. ``span_out`` gets the height span (see `preprocess`)."""
     try:
-        return preprocess(scan.height, scan.pixel_nm, cfg, min_side=min_side)
+        return preprocess(scan.height, scan.pixel_nm, cfg, min_side=min_side, span_out=span_out)
     except ResampleError as exc:
         raise ScanError(scan.path, str(exc)) from None
 

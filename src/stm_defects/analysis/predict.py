@@ -35,8 +35,15 @@ from pathlib import Path
 import numpy as np
 
 from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm, preprocess_scan
-from stm_defects.analysis.render import character_picture, class_picture, overlay_image
-from stm_defects.io.files import atomic_file, describe_os_error, save_png, write_csv, write_json
+from stm_defects.analysis.figures import (
+    MAX_CROPS,
+    character_figure,
+    class_figure,
+    defect_crops,
+    defect_heights,
+    scan_figure,
+)
+from stm_defects.io.files import atomic_file, describe_os_error, write_csv, write_json
 from stm_defects.io.safe_models import file_sha256
 from stm_defects.io.scans import Scan, ScanError, read_scan, require_min_size
 from stm_defects.results import Analysis, Models
@@ -84,17 +91,31 @@ def analyse_scan(scan: Scan, models: Models, cfg: PredictConfig
 
     Raises `ScanError` for a scan too small for the method, before or after resampling."""
     require_min_size(scan, cfg.min_scan_px)
-    img, scale = preprocess_scan(scan, cfg.preprocess, min_side=cfg.min_scan_px)
+    span: dict = {}
+    img, scale = preprocess_scan(scan, cfg.preprocess, min_side=cfg.min_scan_px, span_out=span)
     result = analyse(img, models, cfg, image_pixel_nm(scan, scale))
+    if result.display is None:        # the paper method: each terrace levelled for the pictures
+        from stm_defects.improved.anomaly import terrace_levelled
+
+        result.display = terrace_levelled(img, cfg.improved.anomaly)[0]
+    # heights in the scan's unit per unit of img01 / the display (None: not a height in nm)
+    result.z_per_unit = span.get("z_span") if scan.unit == "nm" and span.get("z_span") else None
+    heights = defect_heights(result.display, result.regions, result.z_per_unit)
     names = models.class_names
     defects = []
-    for r in result.regions:
+    for i, (r, height) in enumerate(zip(result.regions, heights)):
         d = to_original(r, scale, scan.origin)
         cls = d.get("class")
-        defects.append({"id": d["id"], "x": d["x"], "y": d["y"], "bbox": d["bbox"], "class": cls,
-                        "name": names.get(str(cls)) if cls is not None else None,
-                        "probability": None if d.get("probability") is None else round(d["probability"], 4),
-                        "area_px": d["area_px"], "score": d.get("score")})
+        row = {"id": d["id"], "x": d["x"], "y": d["y"], "bbox": d["bbox"], "class": cls,
+               "name": names.get(str(cls)) if cls is not None and cls >= 0 else None,
+               "probability": None if d.get("probability") is None else round(d["probability"], 4),
+               "area_px": d["area_px"], "score": d.get("score"), "height_nm": height,
+               "crop": i if i < MAX_CROPS else None}
+        if d.get("typicality") is not None:
+            row["typicality"] = round(d["typicality"], 4)
+        if d.get("nearest_class") is not None:
+            row["nearest_class"] = d["nearest_class"]
+        defects.append(row)
     return img, scale, result, defects
 
 
@@ -204,12 +225,24 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
     ``n_defects``, ``counts`` (per class label), ``area_nm2``, ``pixel_nm``.
     """
     out = Path(out_dir)
-    img, _, result, defects = analysed
+    img, scale, result, defects = analysed
     stem = output_stem(path, scan, name)
     local = [dict(r, name=d["name"]) for r, d in zip(result.regions, defects)]
-    _save_picture(out / f"{stem}_overlay.png", overlay_image(img, local))
-    save_png(out / f"{stem}_classes.png", class_picture(img, result.class_map))
-    save_png(out / f"{stem}_character.png", character_picture(result.char_map))
+    px = image_pixel_nm(scan, scale)
+    display = result.display if result.display is not None else img
+    names = models.class_names
+    _save_picture(out / f"{stem}_overlay.png",
+                  scan_figure(display, local, px, getattr(result, "z_per_unit", None), scan.unit, names,
+                              title=f"{path.name}: {len(local)} defect{'s' if len(local) != 1 else ''}"))
+    _save_picture(out / f"{stem}_classes.png", class_figure(display, result.class_map, local, px, names))
+    _save_picture(out / f"{stem}_character.png",
+                  character_figure(result.char_map, result.error_map, px, cfg.improved.anomaly.threshold,
+                                   method=cfg.method))
+    crops = defect_crops(display, local, px)
+    if crops is not None:
+        _save_picture(out / f"{stem}_defects.png", crops)
+    else:                      # no defects now: no strip left from an earlier run
+        (out / f"{stem}_defects.png").unlink(missing_ok=True)
     area_nm2 = float(scan.height.size * scan.pixel_nm ** 2) if scan.pixel_nm else None
     write_json(out / f"{stem}.json", {
         "image": str(path), "shape": list(scan.original_shape or scan.height.shape),

@@ -27,7 +27,7 @@ import html
 import io
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ __all__ = ["BOOTSTRAP_MIN_SCANS", "density_table", "write_report"]
 BOOTSTRAP_MIN_SCANS = 5
 NM2_PER_CM2 = 1e14
 THUMB_PX = 240
+MAX_THUMBS = 300   # scans shown with a thumbnail; the others are listed with a link
 GALLERY_PER_CLASS = 12
 
 
@@ -65,14 +66,22 @@ def _garwood(k: int, area: float) -> tuple[float, float]:
     return lo / area, hi / area
 
 
-def density_table(scans: list[dict], names: dict, seed: int = 0, n_boot: int = 2000) -> tuple[list[dict], str]:
+def scan_record(doc: dict, names: dict) -> dict:
+    """What the report keeps of one prediction JSON: its area (nm², None uncalibrated) and its
+    defect counts per class label (a `Counter`)."""
+    px = doc.get("pixel_size_nm")
+    area = float(np.prod(doc["shape"][:2])) * px ** 2 if px else None
+    return {"area_nm2": area, "counts": Counter(class_key(d, names) for d in doc.get("defects", []))}
+
+
+def density_table(records: list[dict], seed: int = 0, n_boot: int = 2000) -> tuple[list[dict], str]:
     """(rows of class, count, density per 100 nm² with its 95% interval, per cm⁻²; the interval
-    method) over the calibrated scans (those with a pixel size)."""
-    cal = [s for s in scans if s.get("pixel_size_nm")]
+    method) over the calibrated scans' `scan_record`s."""
+    cal = [r for r in records if r["area_nm2"]]
     if not cal:
         return [], "no calibrated scans"
-    areas = np.array([float(np.prod(s["shape"])) * s["pixel_size_nm"] ** 2 for s in cal])
-    counts = [Counter(class_key(d, names) for d in s.get("defects", [])) for s in cal]
+    areas = np.array([r["area_nm2"] for r in cal])
+    counts = [r["counts"] for r in cal]
     classes = sorted({c for cnt in counts for c in cnt} | {"all defects"})
     per_scan = {c: np.array([cnt.get(c, 0) if c != "all defects" else sum(cnt.values()) for cnt in counts], float)
                 for c in classes}
@@ -114,69 +123,41 @@ def _thumbnail(path: Path) -> str | None:
         return None
 
 
-def _histograms(scans: list[dict], names: dict) -> str | None:
-    """Defect area and height histograms per class, as one embedded PNG (None: no defects)."""
-    import matplotlib
+class _Collector:
+    """One pass over the batch's JSONs, keeping only what the page shows: per-scan rows, per-class
+    areas and heights, up to `GALLERY_PER_CLASS` crops per class and the first `MAX_THUMBS`
+    thumbnails. Memory grows with the number of defects by two floats each, not with the JSONs."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, out_dir: Path, names: dict):
+        self.out_dir, self.names = out_dir, names
+        self.records: list[dict] = []
+        self.rows: list[dict] = []
+        self.area: dict[str, list] = defaultdict(list)
+        self.height: dict[str, list] = defaultdict(list)
+        self.crops: dict[str, list] = defaultdict(list)
+        self.class_id: dict[str, int] = {}
+        self.calibrated = True
+        self.run: dict = {}
 
-    area = defaultdict(list)
-    height = defaultdict(list)
-    calibrated = all(s.get("pixel_size_nm") for s in scans)
-    for s in scans:
-        px = s.get("pixel_size_nm")
-        for d in s.get("defects", []):
-            c = class_key(d, names)
+    def add(self, rel: str, doc: dict) -> None:
+        doc = dict(doc, json_path=rel)
+        if not self.run:
+            self.run = {"models": doc.get("models"), "config": doc.get("config"), "software": doc.get("software")}
+        rec = scan_record(doc, self.names)
+        self.records.append(rec)
+        px = doc.get("pixel_size_nm")
+        self.calibrated &= bool(px)
+        defects = doc.get("defects", [])
+        strip_path, strip = _picture(self.out_dir, doc, "defects"), None
+        for d in defects:
+            c = class_key(d, self.names)
+            self.class_id.setdefault(c, -1 if d.get("class") is None else int(d["class"]))
             if d.get("area_px") is not None:
-                area[c].append(d["area_px"] * (px ** 2 if (px and calibrated) else 1.0))
+                self.area[c].append(d["area_px"] * (px ** 2 if px else 1.0))
             if d.get("height_nm") is not None:
-                height[c].append(d["height_nm"])
-    if not area:
-        return None
-    panels = [("area", area, "defect area (nm²)" if calibrated else "defect area (px²)")]
-    if height:
-        panels.append(("height", height, "apparent height (nm)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
-    for ax, (_, data, label) in zip(axes[0], panels):
-        allv = np.concatenate([np.asarray(v, float) for v in data.values()])
-        bins = np.histogram_bin_edges(allv, bins=min(40, max(5, int(np.sqrt(allv.size)))))
-        for c in sorted(data):
-            cls = _class_id(c, scans, names)
-            ax.hist(data[c], bins=bins, histtype="step", lw=1.6, label=f"{c} ({len(data[c])})",
-                    color=np.array(class_colour(cls)) / 255)
-        ax.set_xlabel(label)
-        ax.set_ylabel("defects")
-        ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
-def _class_id(key: str, scans: list[dict], names: dict) -> int:
-    for s in scans:
-        for d in s.get("defects", []):
-            if class_key(d, names) == key:
-                return -1 if d.get("class") is None else int(d["class"])
-    return -1
-
-
-def _gallery(out_dir: Path, scans: list[dict], names: dict) -> list[tuple[str, int, int, list[str]]]:
-    """(class, count, class id, crop data URIs) per class, from the scans' *_defects.png strips."""
-    by_class: dict[str, list] = defaultdict(list)
-    counts: Counter = Counter()
-    cls_id: dict[str, int] = {}
-    for s in scans:
-        strip_path = _picture(out_dir, s, "defects")
-        strip = None
-        for d in s.get("defects", []):
-            c = class_key(d, names)
-            counts[c] += 1
-            cls_id.setdefault(c, -1 if d.get("class") is None else int(d["class"]))
+                self.height[c].append(d["height_nm"])
             i = d.get("crop")
-            if i is None or len(by_class[c]) >= GALLERY_PER_CLASS or strip_path is None:
+            if i is None or strip_path is None or len(self.crops[c]) >= GALLERY_PER_CLASS:
                 continue
             if strip is None:
                 try:
@@ -184,18 +165,47 @@ def _gallery(out_dir: Path, scans: list[dict], names: dict) -> list[tuple[str, i
                 except (OSError, ValueError):
                     strip_path = None
                     continue
-            by_class[c].append(_data_uri(strip.crop((i * CROP_PX, 0, (i + 1) * CROP_PX, CROP_PX))))
-    return [(c, counts[c], cls_id[c], by_class.get(c, [])) for c in sorted(counts)]
+            self.crops[c].append(_data_uri(strip.crop((i * CROP_PX, 0, (i + 1) * CROP_PX, CROP_PX))))
+        ov = _picture(self.out_dir, doc, "overlay")
+        thumb = _thumbnail(ov) if ov and len(self.rows) < MAX_THUMBS else None
+        self.rows.append({"image": doc.get("image", rel), "shape": doc.get("shape", []), "px": px,
+                          "n": len(defects), "area": rec["area_nm2"], "counts": rec["counts"],
+                          "link": ov.relative_to(self.out_dir).as_posix() if ov else None, "thumb": thumb})
+
+    def histograms(self) -> str | None:
+        """Defect area and height histograms per class, as one embedded PNG (None: no defects)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.area:
+            return None
+        unit = "nm²" if self.calibrated else "px² (some scans uncalibrated)"
+        panels = [(self.area, f"defect area ({unit})")]
+        if self.height:
+            panels.append((self.height, "apparent height (nm)"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
+        for ax, (data, label) in zip(axes[0], panels):
+            allv = np.concatenate([np.asarray(v, float) for v in data.values()])
+            bins = np.histogram_bin_edges(allv, bins=min(40, max(5, int(np.sqrt(allv.size)))))
+            for c in sorted(data):
+                ax.hist(data[c], bins=bins, histtype="step", lw=1.6, label=f"{c} ({len(data[c])})",
+                        color=np.array(class_colour(self.class_id.get(c, -1))) / 255)
+            ax.set_xlabel(label)
+            ax.set_ylabel("defects")
+            ax.legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
 def _picture(out_dir: Path, scan: dict, kind: str) -> Path | None:
     """The path of a scan's ``kind`` picture (overlay, classes, character, defects), or None."""
-    rel = (scan.get("pictures") or {}).get(kind)
-    if rel:
-        p = out_dir / rel
-    else:
-        j = out_dir / scan["json_path"]
-        p = j.with_name(f"{j.stem}_{kind}.png")
+    j = out_dir / scan["json_path"]
+    p = j.with_name(f"{j.stem}_{kind}.png")
     return p if p.is_file() else None
 
 
@@ -219,31 +229,30 @@ def _swatch(cls: int) -> str:
     return f'<span class="sw" style="background:rgb({r},{g},{b})"></span>'
 
 
-def write_report(out_dir: str | Path, scans: Iterable[dict], class_names: dict | None = None,
-                 run: dict | None = None, failures: Iterable[dict] = (), title: str = "stm-defects report") -> Path:
-    """Write ``out_dir/report.html`` (atomically) for ``scans`` and return its path.
-
-    ``run`` may hold ``models`` (name -> version), ``config`` (the JSON's config block) and
-    ``software``; taken from the first scan when not given. ``failures`` are rows with ``scan``,
-    ``stage`` and ``reason``.
-    """
+def write_report(out_dir: str | Path, jsons: Iterable[str], class_names: dict | None = None,
+                 failures: Iterable[dict] = (), title: str = "stm-defects report",
+                 load: Callable[[Path], dict | None] | None = None) -> Path:
+    """Write ``out_dir/report.html`` (atomically) for the prediction JSONs ``jsons`` (paths
+    relative to ``out_dir``, read one at a time) and return its path. ``failures`` are rows with
+    ``scan``, ``stage`` and ``reason``."""
     out_dir = Path(out_dir)
-    scans = sorted(scans, key=lambda s: s["json_path"])
     names = dict(class_names or {})
-    run = dict(run or {})
-    if scans:
-        run.setdefault("models", scans[0].get("models"))
-        run.setdefault("config", scans[0].get("config"))
-        run.setdefault("software", scans[0].get("software"))
+    load = load or (lambda p: json.loads(p.read_text()))
+    col = _Collector(out_dir, names)
+    for rel in jsons:
+        doc = load(out_dir / rel)
+        if doc is not None:
+            col.add(rel, doc)
+    run = col.run
     failures = list(failures)
-    n_def = sum(len(s.get("defects", [])) for s in scans)
+    n_def = sum(r["n"] for r in col.rows)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>",
              f"<style>{CSS}</style></head><body>",
              f"<h1>{_e(title)}</h1>",
-             f"<p>{len(scans)} scan(s) predicted, {n_def} defects"
+             f"<p>{len(col.rows)} scan(s) predicted, {n_def} defects"
              + (f", <b>{len(failures)} failed</b>" if failures else "") + ".</p>"]
 
-    rows, method = density_table(scans, names)
+    rows, method = density_table(col.records)
     parts.append("<h2>Densities</h2>")
     if rows:
         parts.append(f"<p class='muted'>Over the calibrated scans; 95% intervals: {_e(method)}.</p>")
@@ -258,35 +267,38 @@ def write_report(out_dir: str | Path, scans: Iterable[dict], class_names: dict |
         parts.append("<p>No scan carries a pixel size, so there are no densities: give "
                      "<code>--pixel-nm</code> or <code>--scan-nm</code>.</p>")
 
+    totals = Counter()
+    for r in col.records:
+        totals.update(r["counts"])
     parts.append("<h2>Classes</h2><table><tr><th class='l'>class</th><th>defects</th><th class='l'>examples</th></tr>")
-    for c, n, cid, crops in _gallery(out_dir, scans, names):
-        imgs = "".join(f"<img src='{u}' alt='{_e(c)}'>" for u in crops) or "<span class='muted'>no crops</span>"
-        parts.append(f"<tr><td class='l'>{_swatch(cid)}{_e(c)}</td><td>{n}</td><td class='l gal'>{imgs}</td></tr>")
+    for c in sorted(totals):
+        imgs = "".join(f"<img src='{u}' alt='{_e(c)}'>" for u in col.crops.get(c, [])) \
+            or "<span class='muted'>no crops</span>"
+        parts.append(f"<tr><td class='l'>{_swatch(col.class_id.get(c, -1))}{_e(c)}</td><td>{totals[c]}</td>"
+                     f"<td class='l gal'>{imgs}</td></tr>")
     parts.append("</table>")
     parts.append("<p class='muted'>Name a class with <code>stm name-class ID NAME</code>; names are stored with "
                  "the models and used by every later prediction.</p>")
 
-    hist = _histograms(scans, names)
+    hist = col.histograms()
     if hist:
         parts.append(f"<h2>Defect sizes and heights</h2><img src='{hist}' alt='histograms'>")
 
     parts.append("<h2>Scans</h2><table><tr><th class='l'>overlay</th><th class='l'>scan</th><th>pixels</th>"
                  "<th>nm/px</th><th>defects</th><th>per 100 nm²</th><th class='l'>classes</th></tr>")
-    for s in scans:
-        ov = _picture(out_dir, s, "overlay")
-        thumb = _thumbnail(ov) if ov else None
-        link = ov.relative_to(out_dir).as_posix() if ov else None
-        cell = (f"<a href='{_e(link)}'><img class='thumb' src='{thumb}' alt='overlay'></a>" if thumb and link
-                else "<span class='muted'>no picture</span>")
-        px = s.get("pixel_size_nm")
-        n = len(s.get("defects", []))
-        area = float(np.prod(s["shape"])) * px ** 2 if px else None
-        cnt = Counter(class_key(d, names) for d in s.get("defects", []))
-        parts.append(f"<tr><td class='l'>{cell}</td><td class='l'>{_e(s.get('image', s['json_path']))}</td>"
-                     f"<td>{_e('x'.join(map(str, s.get('shape', []))))}</td>"
-                     f"<td>{'' if not px else f'{px:.4g}'}</td><td>{n}</td>"
-                     f"<td>{'' if not area else f'{100 * n / area:.3g}'}</td>"
-                     f"<td class='l'>{_e(', '.join(f'{k}: {v}' for k, v in sorted(cnt.items())))}</td></tr>")
+    for r in col.rows:
+        if r["link"] and r["thumb"]:
+            cell = f"<a href='{_e(r['link'])}'><img class='thumb' src='{r['thumb']}' alt='overlay'></a>"
+        elif r["link"]:
+            cell = f"<a href='{_e(r['link'])}'>overlay</a>"
+        else:
+            cell = "<span class='muted'>no picture</span>"
+        px = f"{r['px']:.4g}" if r["px"] else ""
+        density = f"{100 * r['n'] / r['area']:.3g}" if r["area"] else ""
+        classes = ", ".join(f"{k}: {v}" for k, v in sorted(r["counts"].items()))
+        parts.append(f"<tr><td class='l'>{cell}</td><td class='l'>{_e(r['image'])}</td>"
+                     f"<td>{_e('x'.join(map(str, r['shape'])))}</td><td>{px}</td><td>{r['n']}</td>"
+                     f"<td>{density}</td><td class='l'>{_e(classes)}</td></tr>")
     parts.append("</table>")
     if failures:
         parts.append("<h2>Failed scans</h2><table><tr><th class='l'>scan</th><th class='l'>stage</th>"
