@@ -243,3 +243,40 @@ def test_mlflow_ui_serves_the_registry(store, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_class_names_are_checked_listed_and_removed(full_store, monkeypatch):
+    """`stm name-class`: only ids of the classifier's classes, names of 1-64 printable
+    characters; --remove and --list."""
+    from stm_defects.mlops.tracking import TrackingError, edit_class_names, load_registered, number_of_classes
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", full_store["uri"])
+    monkeypatch.setenv("STM_MODEL_CACHE", "off")
+    monkeypatch.chdir(full_store["root"])
+    v, names, n = edit_class_names({0: "adatom"}, key="gmm")
+    assert n >= 2 and names == {"0": "adatom"}
+    with pytest.raises(TrackingError, match=f"no class 99: its classes are 0 to {n - 1}"):
+        edit_class_names({99: "nothing"}, key="gmm")
+    with pytest.raises(TrackingError, match="no class -1"):
+        edit_class_names({-1: "noise"}, key="gmm")
+    with pytest.raises(TrackingError, match="printable"):
+        edit_class_names({1: "  "}, key="gmm")
+    assert number_of_classes({"version": 1, "classes": None}, "improved") == 0     # no fitted classes
+    assert number_of_classes({"classes": {"n_classes": 4}}, "improved") == 4
+    edit_class_names({1: "vacancy"}, key="gmm")
+    assert edit_class_names({}, key="gmm")[1] == {"0": "adatom", "1": "vacancy"}
+    assert edit_class_names({0: None}, key="gmm")[1] == {"1": "vacancy"}
+    assert load_registered("Production").versions["gmm"]["version"] == v
+
+
+def test_name_class_arguments_are_checked_before_the_registry(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stm_defects.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["name-class", "3"], ["name-class", "3", "vac", "--remove"], ["name-class"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and "--list" in result.output, result.output
+    result = CliRunner().invoke(app, ["name-class", "3", "vac", "--classifier", "kmeans"])
+    assert result.exit_code == 1 and "improved or gmm" in result.output

@@ -684,22 +684,42 @@ def ui(
 @app.command("name-class")
 @user_errors
 def name_class(
-    class_id: Annotated[int, typer.Argument(help="Defect class id (as in predictions).")],
-    name: Annotated[str, typer.Argument(help="A name, e.g. dimer_vacancy.")],
+    class_id: Annotated[int | None, typer.Argument(help="Defect class id (as in predictions).")] = None,
+    name: Annotated[str | None, typer.Argument(help="A name, e.g. dimer_vacancy.")] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Remove the name of CLASS_ID.")] = False,
+    list_names: Annotated[bool, typer.Option("--list", help="List the names the classifier carries.")] = False,
     version: Annotated[int | None, typer.Option(help="Classifier version (default: Production).")] = None,
     classifier: Annotated[str | None, typer.Option(
         help="improved or gmm (default: the one the Production models' method uses).")] = None,
 ):
-    """Attach a name to a defect class; stored with the classifier version in the registry.
+    """Name a defect class, remove a name (--remove) or list the names (--list).
 
-    The classifier is the improved analysis' (default profile) or the GMM (paper profile).
+    Names are stored with the classifier version in the registry (the improved analysis' classes
+    for the default profile, the GMM's for the paper profile) and appear in every later
+    prediction, picture and report. The id must be one of the classifier's classes; -1
+    (unknown) keeps its name.
     """
-    from stm_defects.mlops.tracking import MODEL_NAMES, production_method, set_class_names
+    from stm_defects.errors import StageError
+    from stm_defects.mlops.tracking import MODEL_NAMES, edit_class_names, production_method
 
+    if not list_names and (class_id is None or (name is None) != remove):
+        raise StageError("give CLASS_ID NAME to name a class, CLASS_ID --remove to remove a name, "
+                         "or --list")
+    if classifier not in (None, "improved", "gmm"):
+        raise StageError(f"--classifier must be improved or gmm, not {classifier!r}")
     experiment = _experiment()
     key = classifier or ("improved" if production_method(experiment) == "improved" else "gmm")
-    v = set_class_names({class_id: name}, version, experiment, key=key)
-    typer.echo(f"class {class_id} of {MODEL_NAMES[key]} v{v} is now named {name!r}")
+    if list_names:
+        v, names, n = edit_class_names({}, version, experiment, key=key)
+        typer.echo(f"{MODEL_NAMES[key]} v{v}" + (f", {n} classes" if n >= 0 else "") + ":")
+        for cid in sorted(names, key=int):
+            typer.echo(f"  {cid}: {names[cid]}")
+        if not names:
+            typer.echo("  (no names yet: stm name-class ID NAME)")
+        return
+    v, _, _ = edit_class_names({class_id: None if remove else name}, version, experiment, key=key)
+    typer.echo(f"class {class_id} of {MODEL_NAMES[key]} v{v} "
+               + ("has no name now" if remove else f"is now named {name.strip()!r}"))
 
 
 @app.command()

@@ -1289,6 +1289,51 @@ def _production_member(client, key: str):
     return resolve_version(client, key, _pins(set_mv)[key])
 
 
+def number_of_classes(model, key: str) -> int:
+    """How many classes a classifier gives: the improved state's ``n_classes`` (0 without
+    fitted classes), the GMM's number of components."""
+    if key == "improved":
+        classes = (model or {}).get("classes") if isinstance(model, dict) else None
+        return int(classes["n_classes"]) if classes else 0
+    n = getattr(model, "n_components_", None)          # the GMM selector: its chosen k
+    return int(n if n is not None else getattr(model, "n_components", 0))
+
+
+def edit_class_names(changes: dict, version: str | int | None = None, experiment: str = "stm-defects",
+                     key: str = "improved") -> tuple[int, dict, int]:
+    """Apply ``changes`` (class id -> name, or None to remove the name) to a classifier version
+    (default: the Production set's) after checking every id is one of its classes; return
+    (version, all names now, number of classes). Empty ``changes`` only reads them. A bad id or
+    name raises `TrackingError` naming what is allowed."""
+    client = _client(experiment)
+    name = MODEL_NAMES[key]
+    if version is None:
+        version = _production_member(client, key).version
+    mv = resolve_version(client, key, version)
+    current = json.loads(mv.tags.get("class_names", "{}"))
+    if changes:
+        with tempfile.TemporaryDirectory() as d:
+            n = number_of_classes(_load_version(key, mv, Path(d)), key)
+    else:
+        n = int(mv.tags.get("n_classes", -1)) if mv.tags.get("n_classes") else -1
+    for cid, new in changes.items():
+        if not 0 <= int(cid) < n:
+            allowed = f"0 to {n - 1}" if n > 0 else "none (this classifier has no classes)"
+            raise TrackingError(f"{name} v{mv.version} has no class {cid}: its classes are {allowed} "
+                                "(-1, unknown, cannot be renamed)")
+        if new is None:
+            current.pop(str(cid), None)
+        else:
+            new = str(new).strip()
+            if not new or len(new) > 64 or not new.isprintable() or "," in new:
+                raise TrackingError(f"class name {new!r}: give 1-64 printable characters, no comma")
+            current[str(cid)] = new
+    if changes:
+        client.set_model_version_tag(name, str(mv.version), "class_names", json.dumps(current, sort_keys=True))
+        client.set_model_version_tag(name, str(mv.version), "n_classes", str(n))
+    return int(mv.version), current, n
+
+
 def set_class_names(names: dict, version: str | int | None = None, experiment: str = "stm-defects",
                     key: str = "improved") -> int:
     """Store class id -> name on a classifier version (`improved` or `gmm`; default: the
