@@ -569,3 +569,18 @@ def test_user_calibration(tmp_path: Path) -> None:
     for bad in ({"pixel_nm": -1.0}, {"scan_nm": float("nan")}, {"pixel_nm": 0.1, "scan_nm": 5.0}):
         with pytest.raises(ScanError, match="a.npy"):
             read_scan(tmp_path / "a.npy", **bad)
+
+
+def test_text_dat_files_are_named_not_misread(tmp_path):
+    """A Createc .dat (text header) or any text .dat is refused with what it is, not with SPIEPy
+    header numbers made of its letters."""
+    from stm_defects.io.scans import ScanError, read_scan
+
+    createc = tmp_path / "A200101.120000.dat"
+    createc.write_bytes(b"[Parameter]\r\nTitle / Titel=Createc\r\n" + bytes(200))
+    with pytest.raises(ScanError, match="Createc"):
+        read_scan(createc)
+    other = tmp_path / "table.dat"
+    other.write_text("x y z\n1 2 3\n" * 20)
+    with pytest.raises(ScanError, match="starts with text"):
+        read_scan(other)

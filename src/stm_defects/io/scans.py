@@ -1130,9 +1130,24 @@ def _gwy_component_end(buf: bytes, pos: int, limit: int, depth: int) -> int:
     return q
 
 
+def _not_a_text_dat(p: Path, raw: bytes) -> None:
+    """`.dat` is read as SPIEPy's binary image; a file that starts with text is another kind of
+    .dat (Createc's begins with ``[Parameter]``): say which, instead of reading its text as a
+    header of absurd dimensions."""
+    head = raw[:64]
+    if head.startswith(b"[Parameter]") or head.lstrip().startswith(b"[Param"):
+        raise ScanError(p, "a Createc .dat file (text header [Parameter]), which is not read yet; "
+                           "export the scan from Createc or Gwyddion as .gwy or .sxm")
+    if len(head) >= 8 and all(32 <= c < 127 or c in (9, 10, 13) for c in head[:8]):
+        text = head[:32].decode("ascii", "replace").splitlines()[0]
+        raise ScanError(p, f"starts with text ({text!r}), so it is not a SPIEPy binary .dat image; "
+                           "export the scan as .gwy, .sxm or .npy")
+
+
 def _read_spiepy(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     _single_image_only(p, hdir, "SPIEPy .dat")
     raw = p.read_bytes()
+    _not_a_text_dat(p, raw)
     if len(raw) < 8:
         raise ScanError(p, f"truncated SPIEPy .dat file: {len(raw)} bytes, less than its 8-byte header")
     rows, cols = struct.unpack("<II", raw[:8])
