@@ -70,8 +70,8 @@ def lattice_patches(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
 def synth_patches(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, str]:
     """Windows from the project's synthetic scans (preprocessed), else the lattice fallback."""
     try:
-        from stm_defects.image.preprocess import preprocess
         from stm_defects.data.synth import SynthConfig, synth_scan
+        from stm_defects.image.preprocess import preprocess
         from stm_defects.image.windows import extract_windows
     except ImportError:  # pragma: no cover - fallback when the pipeline modules are absent
         return lattice_patches(n, size, seed), "lattice fallback"

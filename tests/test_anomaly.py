@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from stm_defects.improved.anomaly import AnomalyConfig, detect, lattice_notch
 from stm_defects.analysis.scores import detection_scores
-from stm_defects.image.preprocess import PreprocessConfig, preprocess
 from stm_defects.data.synth import SynthConfig, synth_scan
+from stm_defects.image.preprocess import PreprocessConfig, preprocess
+from stm_defects.improved.anomaly import AnomalyConfig, detect, lattice_notch
 
 
 def test_notch_removes_a_lattice():

@@ -5,9 +5,9 @@ report exactly the stages whose code can reach it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
-import json
 import shutil
 import subprocess
 import sys

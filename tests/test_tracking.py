@@ -79,19 +79,43 @@ def test_register_tags_lineage_and_promotion(store, monkeypatch):
 
 
 def test_stm_ui_runs_mlflow_ui_on_localhost(store, monkeypatch):
+    import mlflow
+
     calls = []
 
-    def fake_call(cmd, *a, **k):
-        calls.append(cmd)
-        return 0
+    class FakeServer:
+        pid = 2 ** 22 + 12345                 # no such process group: the final stop finds none
+
+        def __init__(self, cmd, **kwargs):
+            calls.append((cmd, kwargs))
+
+        def wait(self):
+            return 0
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
-    monkeypatch.setattr(subprocess, "call", fake_call)
+    monkeypatch.setattr(subprocess, "Popen", FakeServer)
     result = CliRunner().invoke(app, ["ui", "--port", "5123"])
     assert result.exit_code == 0, result.output
-    assert calls == [[sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store["uri"],
-                      "--host", "127.0.0.1", "--port", "5123", "--workers", "1"]]
+    assert [c for c, _ in calls] == [[sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store["uri"],
+                                      "--host", "127.0.0.1", "--port", "5123", "--workers", "1"]]
+    assert calls[0][1]["start_new_session"]          # its own group: a signal stops every worker
     assert "http://127.0.0.1:5123" in result.output
+    exp = mlflow.MlflowClient(store["uri"]).get_experiment_by_name("stm-defects")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"   # the training view
+
+
+def test_stm_ui_refuses_a_port_in_use(store, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["ui", "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"port {port} on 127.0.0.1 is in use" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_tracker_logs_stage_params_used_values_and_parent_metrics(store, monkeypatch):

@@ -17,6 +17,7 @@ The pipeline's stages run through `python -m stm_defects.mlops.run STAGE` (see d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -665,20 +666,45 @@ def list_models_cmd():
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ):
-    """Start the MLflow UI on 127.0.0.1 against the project's mlruns/ (Ctrl-C stops it)."""
+    """Start the MLflow UI on 127.0.0.1 against the project's mlruns/ (Ctrl-C or SIGTERM stops it
+    and its workers). The experiment opens in MLflow's "Model training" view."""
+    import signal
+    import socket
     import subprocess
 
+    from stm_defects.errors import StageError
+    from stm_defects.mlops.tracking import connect
     from stm_defects.project import tracking_uri
 
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise StageError(f"port {port} on 127.0.0.1 is in use (another `stm ui`?); stop it or give "
+                             "--port") from None
     uri = tracking_uri()
+    connect(_experiment())            # the experiment exists and is tagged for the training view
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (store {uri})")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job workers
+    # its own process group, so a signal to `stm ui` stops the server and every worker it started
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        raise typer.Exit(subprocess.call(cmd, env=env))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+        code = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    # stopped by a signal: a clean end; the server failing on its own: its exit code
+    raise typer.Exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code)
 
 
 @app.command("name-class")

@@ -116,9 +116,18 @@ def connect(experiment: str = "stm-defects", root: Path | None = None):
         artifacts = None
         if uri.startswith("sqlite:///"):
             artifacts = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
-        mlflow.create_experiment(experiment, artifact_location=artifacts)
+        mlflow.create_experiment(experiment, artifact_location=artifacts,
+                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    elif exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:     # a store made by an older version
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment)
     return mlflow
+
+
+#: MLflow 3's UI opens an experiment in its GenAI view (traces, assistant) unless the experiment
+#: says it is model training: this tag and value select the "Model training" view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def git_commit(root: Path | None = None) -> str:
