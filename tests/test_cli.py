@@ -273,3 +273,15 @@ def test_missing_inputs_are_one_line(tmp_path):
                     "--out", tmp_path / "out")
     assert_clean_failure(result)
     assert "no_models" in result.output
+
+
+def test_help_groups_every_command_with_a_one_line_summary():
+    from stm_defects.cli import HELP_PANELS, app
+
+    grouped = {name for cmds in HELP_PANELS.values() for name in cmds}
+    assert grouped == COMMANDS
+    for info in app.registered_commands:
+        assert info.rich_help_panel in HELP_PANELS and len(info.short_help) <= 90
+    out = invoke("--help").output
+    for panel in HELP_PANELS:
+        assert panel in out

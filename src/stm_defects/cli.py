@@ -773,5 +773,39 @@ def results():
                        f"step-edge FP/scan {s.get('step_edge_fp_mean', float('nan')):.2f}")
 
 
+# ------------------------------------------------------------------------------ help layout
+#: `stm --help` groups the commands by what a user is doing, each with a one-line summary (the
+#: docstrings keep the detail for `stm COMMAND --help`).
+HELP_PANELS = {
+    "Your scans": {
+        "info": "What is in files or folders: format, size, pixel size, channel, height range.",
+        "predict": "Find and classify defects: pictures, JSON per scan, summary.csv, report.html.",
+        "classes": "A gallery of example defects per class, to decide what each class is.",
+        "name-class": "Name a class, remove a name (--remove) or list the names (--list).",
+        "evaluate": "Score predictions against boxes drawn by people (P/R/F1 with intervals).",
+    },
+    "Models": {
+        "train": "Train the whole pipeline on your own folder of scans.",
+        "models": "Registered model versions and model sets, with their lineage.",
+        "promote": "Promote a run's model set (or swap one model into it) to Production/Staging.",
+    },
+    "Tracking": {
+        "ui": "The MLflow UI on 127.0.0.1 for this project's runs.",
+        "results": "Where `make run` left its results, with the evaluation numbers.",
+    },
+}
+
+
+def _layout_help() -> None:
+    where = {name: (panel, text) for panel, cmds in HELP_PANELS.items() for name, text in cmds.items()}
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        if name in where:
+            info.rich_help_panel, info.short_help = where[name]
+
+
+_layout_help()
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
