@@ -112,11 +112,18 @@ def bench_batch(args, work: Path) -> bool:
     for n, w, r in rows:
         print(f"| {n} | {w} | {r['seconds']:.1f} | {n / r['seconds']:.1f} | {r['rss_mib']:.0f} |")
     (n0, _, r0), (n1, _, r1) = rows[0], rows[1]
-    per_scan = (r1["rss_mib"] - r0["rss_mib"]) * 2**20 / (n1 - n0)
-    flat = per_scan <= args.max_bytes_per_scan
-    good &= flat
-    print(f"\nmemory: {per_scan:.0f} bytes per scan between {n0} and {n1} scans "
-          f"({'flat' if flat else 'GROWS'}; limit {args.max_bytes_per_scan})")
+    if n1 > n0:
+        per_scan = (r1["rss_mib"] - r0["rss_mib"]) * 2**20 / (n1 - n0)
+        flat = per_scan <= args.max_bytes_per_scan
+        good &= flat
+        print(f"\nmemory: {per_scan:.0f} bytes per scan between {n0} and {n1} scans "
+              f"({'flat' if flat else 'GROWS'}; limit {args.max_bytes_per_scan})")
+    else:
+        print(f"\nmemory: not measured ({args.n} scans are too few to split into a tenth and the whole)")
+    if len(rows) > 2:
+        serial = rows[1][2]["seconds"]
+        for _, w, r in rows[2:]:
+            print(f"--workers {w}: {r['seconds'] / serial:.2f}x the wall time of --workers {first}")
 
     out = work / f"out-{args.n}-w{first}"
     with open(out / "summary.csv") as fh:
