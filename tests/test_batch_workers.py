@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tiny import tiny_models
+from tiny import tiny_models, with_fitted_classes
 
 # The package is imported inside the tests: the pool test's worker processes import this module
 # (for its work function) and should not pay for torch.
@@ -50,21 +50,6 @@ def ok(*args):
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-def with_fitted_classes(folder: Path, seed: int = 0) -> Path:
-    """A tiny model folder whose improved state classifies real 25x25 canonical patches (fitted on
-    random ones), so that predictions carry classes."""
-    from stm_defects.improved.classify import ClassifyConfig, fit_classes
-    from stm_defects.io import safe_models
-
-    tiny_models(folder, seed=seed)
-    rng = np.random.default_rng(seed)
-    classes = fit_classes(rng.normal(size=(80, 25, 25)), ClassifyConfig(), seed=seed)
-    state = {"version": 1, "n_train_images": 2, "n_train_defects": 80, "classes": classes}
-    safe_models.save(folder / "improved" / "state.npz", state, "improved")
-    safe_models.write_manifest(folder / "improved", "state.npz", "config.json")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,20 @@ def tiny_models(folder: Path, seed: int = 0, config: dict | None = None) -> dict
         names = [path.name] + (["config.json"] if key == "improved" else [])
         safe_models.write_manifest(path.parent, *names)
     return files
+
+
+def with_fitted_classes(folder: Path, seed: int = 0) -> Path:
+    """A tiny model folder whose improved state classifies real 25x25 canonical patches (fitted on
+    random ones), so that predictions carry classes."""
+    import numpy as np
+
+    from stm_defects.improved.classify import ClassifyConfig, fit_classes
+    from stm_defects.io import safe_models
+
+    tiny_models(folder, seed=seed)
+    rng = np.random.default_rng(seed)
+    classes = fit_classes(rng.normal(size=(80, 25, 25)), ClassifyConfig(), seed=seed)
+    state = {"version": 1, "n_train_images": 2, "n_train_defects": 80, "classes": classes}
+    safe_models.save(folder / "improved" / "state.npz", state, "improved")
+    safe_models.write_manifest(folder / "improved", "state.npz", "config.json")
+    return folder

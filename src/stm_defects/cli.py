@@ -202,6 +202,11 @@ ScanNmOpt = Annotated[float | None, typer.Option(
     "--scan-nm", help="Scan width in nm (the pixel size is this over the image width in pixels).")]
 
 
+ChannelOpt = Annotated[str | None, typer.Option(
+    "--channel", help="Channel to read where a file holds several (a Nanonis signal such as Z or Current, a "
+                      "Gwyddion data-field title); default: the topography.")]
+
+
 def check_calibration(pixel_nm: float | None, scan_nm: float | None) -> dict:
     """The read_scan keywords of a user calibration; a bad one is a user error."""
     from stm_defects.errors import StageError
@@ -229,6 +234,7 @@ def warn_uncalibrated(names: list[str], total: int | None = None) -> None:
 def info(
     paths: Annotated[list[Path], typer.Argument(help="Scan files or folders (searched recursively).")],
     direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
+    channel: ChannelOpt = None,
     pixel_nm: PixelNmOpt = None,
     scan_nm: ScanNmOpt = None,
 ):
@@ -242,7 +248,7 @@ def info(
     files = scan_files(paths)
     for f in files:
         try:
-            s = read_scan(f, direction=direction, **calibration)
+            s = read_scan(f, direction=direction, channel=channel, **calibration)
         except Exception as err:  # noqa: BLE001 - one bad file must not end the listing
             failed.append(file_failure(f, "read", err))
             continue
@@ -389,6 +395,7 @@ def predict(
         help="Use models from this local folder (ae1/, kmeans/, ae2/, gmm/, improved/) instead of the "
              "registry.")] = None,
     direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
+    channel: ChannelOpt = None,
     params: Annotated[Path | None, typer.Option(
         "--params", "-p", help="Override the models' own prediction config with this params.yaml "
                                "(recorded in every JSON).")] = None,
@@ -450,7 +457,8 @@ def predict(
     # the override is checked first, then the models load; only then is anything written
     bundle, cfg, provenance, spec = model_bundle(models, model_stage, params, profile, with_spec=True)
     with output_lock(output_folder(out)):
-        _predict_batch(files, paths, bundle, cfg, provenance, spec, out, direction, calibration, max_pixels,
+        _predict_batch(files, paths, bundle, cfg, provenance, spec, out, direction,
+                       {**calibration, "channel": channel}, max_pixels,
                        workers=workers, force=force, engine=engine, ray_address=ray_address)
 
 
@@ -480,7 +488,7 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     from stm_defects.analysis import batch
     from stm_defects.analysis.predict import Failure, read_options, write_failures
 
-    options = read_options(direction, calibration["pixel_nm"], calibration["scan_nm"])
+    options = read_options(direction, calibration["pixel_nm"], calibration["scan_nm"], calibration.get("channel"))
     key = batch.RunKey.of(bundle, cfg, spec.fingerprint)
     names = batch.output_names(files, batch.common_root(roots))
     produced: set[str] = set()          # the JSONs (relative to OUT) this run wrote or found up to date

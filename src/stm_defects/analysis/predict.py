@@ -146,9 +146,13 @@ def input_identity(path: str | Path) -> dict:
 
 
 def read_options(direction: str | None = None, pixel_nm: float | None = None,
-                 scan_nm: float | None = None) -> dict:
-    """The options that change what is read from a file, as recorded in its JSON (``options``)."""
-    return {"direction": direction, "pixel_nm": pixel_nm, "scan_nm": scan_nm}
+                 scan_nm: float | None = None, channel: str | None = None) -> dict:
+    """The options that change what is read from a file, as recorded in its JSON (``options``);
+    ``channel`` only when one was chosen."""
+    out = {"direction": direction, "pixel_nm": pixel_nm, "scan_nm": scan_nm}
+    if channel is not None:
+        out["channel"] = channel
+    return out
 
 
 def scan_conditions(meta: dict) -> dict:
@@ -180,7 +184,7 @@ def predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_dir: 
                  direction: str | None = None, provenance: dict | None = None,
                  pixel_nm: float | None = None, scan_nm: float | None = None,
                  max_pixels: int | None = None, name: str | None = None,
-                 fingerprint: str | None = None) -> dict:
+                 fingerprint: str | None = None, channel: str | None = None) -> dict:
     """Write `<name>_overlay.png`, `_classes.png`, `_character.png` and `<name>.json` (``name``:
     the path relative to the output folder, default the file's stem); return a summary row.
     Any error propagates as raised (see `try_predict_scan` for the batch form).
@@ -190,12 +194,12 @@ def predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_dir: 
     ``fingerprint`` is recorded as the JSON's ``models_sha256``.
     """
     path = Path(path)
-    scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm)
+    scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm, channel=channel)
     source = input_identity(path)
     check_size(scan, max_pixels)
     analysed = analyse_scan(scan, models, cfg)
     return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance, name=name, source=source,
-                            options=read_options(direction, pixel_nm, scan_nm), fingerprint=fingerprint)
+                            options=read_options(direction, pixel_nm, scan_nm, channel), fingerprint=fingerprint)
 
 
 def output_stem(path: Path, scan: Scan, name: str | None = None) -> str:
@@ -334,7 +338,7 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
                      direction: str | None = None, provenance: dict | None = None,
                      pixel_nm: float | None = None, scan_nm: float | None = None,
                      max_pixels: int | None = None, name: str | None = None,
-                     fingerprint: str | None = None) -> dict | Failure:
+                     fingerprint: str | None = None, channel: str | None = None) -> dict | Failure:
     """`predict_scan` for a batch: the summary row, or the `Failure` of the stage that raised.
 
     Stages: read (the file, its sha256, and the size check), analyse (preprocessing and the
@@ -343,14 +347,14 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
     """
     path, stage = Path(path), "read"
     try:
-        scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm)
+        scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm, channel=channel)
         source = input_identity(path)
         check_size(scan, max_pixels)
         stage = "analyse"
         analysed = analyse_scan(scan, models, cfg)
         stage = "write"
         return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance, name=name,
-                                source=source, options=read_options(direction, pixel_nm, scan_nm),
+                                source=source, options=read_options(direction, pixel_nm, scan_nm, channel),
                                 fingerprint=fingerprint)
     except Exception as err:  # noqa: BLE001 - one bad scan must not end the batch
         return Failure(str(path), stage, failure_reason(err), err)

@@ -177,7 +177,8 @@ class _Raw:
 
 
 def read_scan(path: str | os.PathLike, direction: str | None = None, *,
-              pixel_nm: float | None = None, scan_nm: float | None = None) -> Scan:
+              pixel_nm: float | None = None, scan_nm: float | None = None,
+              channel: str | None = None) -> Scan:
     """Read the topography image of one file.
 
     ``pixel_nm`` (nm per pixel) or ``scan_nm`` (the scan's width in nm) calibrate files that
@@ -190,6 +191,10 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
     "forward" (default) or "backward" for Nanonis, RHK and Gwyddion files. Short
     forms ("fwd", "bwd", "up", "down") are accepted. A vertical part is ignored
     by formats that record a single vertical direction.
+
+    ``channel`` picks a channel by name (case-insensitive) where a file holds several: a
+    Nanonis signal ("Z", "Current", ...) or a Gwyddion data-field title. Default: the topography
+    channel. Other formats hold one image; a ``channel`` that does not name it is refused.
 
     Raises :class:`ScanError` for anything wrong with the file (see the module docstring for
     the header checks) or with the calibration.
@@ -228,10 +233,11 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
         raise ScanError(spath, why)
 
     reader, label = _READERS[ext]
+    kwargs = {"channel": channel} if channel is not None and reader in _CHANNEL_READERS else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = reader(p, hdir, vdir)
+            raw = reader(p, hdir, vdir, **kwargs)
     except ScanError as exc:
         raise ScanError(spath, exc.reason) from None
     except MemoryError as exc:
@@ -242,6 +248,9 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
         raise ScanError(spath, f"corrupt or truncated {label} file ({_describe(exc)})") from exc
     except Exception as exc:  # the reader libraries raise all sorts on bad files
         raise ScanError(spath, f"corrupt or truncated {label} file ({_describe(exc)})") from exc
+    if channel is not None and not kwargs and raw.channel.strip().lower() != channel.strip().lower():
+        raise ScanError(spath, f"{label} files hold one image here, channel {raw.channel!r}; "
+                               f"--channel {channel!r} does not name it")
     if pixel_nm is None and scan_nm is None:
         _check_file_pixels(raw, spath)
     return _calibrate(_finalise(raw, spath), pixel_nm, scan_nm)
@@ -710,7 +719,7 @@ def _sxm_data_start(fname: str, header_end: int) -> int:
     return marker + 2
 
 
-def _read_nanonis(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+def _read_nanonis(p: Path, hdir: str | None, vdir: str | None, channel: str | None = None) -> _Raw:
     if p.suffix != ".sxm":
         raise ScanError(p, "nanonispy2 reads Nanonis files only with a lower-case .sxm extension")
     scan = _nanonis_scan_class()(os.fspath(p))
@@ -718,15 +727,21 @@ def _read_nanonis(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     want = hdir or "forward"
 
     names = list(scan.signals)
-    z_name = next((n for n in names if n.strip().lower() == "z"), None)
+    if channel is not None:
+        z_name = next((n for n in names if n.strip().lower() == channel.strip().lower()), None)
+        if z_name is None:
+            raise ScanError(p, f"no channel {channel!r} in this file (channels: {', '.join(names)})")
+    else:
+        z_name = next((n for n in names if n.strip().lower() == "z"), None)
+        if z_name is None:
+            z_name = next((n for n in names if "topo" in n.lower() or "height" in n.lower()), None)
     if z_name is None:
-        z_name = next((n for n in names if "topo" in n.lower() or "height" in n.lower()), None)
-    if z_name is None:
-        raise ScanError(p, f"no Z (topography) channel in this file (channels: {', '.join(names)})")
+        raise ScanError(p, f"no Z (topography) channel in this file (channels: {', '.join(names)}); "
+                           "choose one with --channel")
     images = scan.signals[z_name]
     if want not in images:
         raise ScanError(
-            p, f"the Z channel was not recorded in the {want} direction (available: {', '.join(images)})"
+            p, f"the {z_name} channel was not recorded in the {want} direction (available: {', '.join(images)})"
         )
     data = np.asarray(images[want], dtype=np.float64)
     if want == "backward":
@@ -968,7 +983,7 @@ _HEIGHT_TITLE = re.compile(r"\bz\b|height|topo", re.IGNORECASE)
 _BACKWARD_TITLE = re.compile(r"backward|\bbwd\b|retrace|\bbw\b|\bback\b|\[<-\]|<-", re.IGNORECASE)
 
 
-def _read_gwyddion(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
+def _read_gwyddion(p: Path, hdir: str | None, vdir: str | None, channel: str | None = None) -> _Raw:
     from gwyfile.objects import GwyObject
 
     buf = p.read_bytes()
@@ -991,6 +1006,11 @@ def _read_gwyddion(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     if not channels:
         raise ScanError(p, "no data channel (GwyDataField) in this Gwyddion file")
     channels.sort(key=lambda c: c[0])
+    if channel is not None:
+        named = [c for c in channels if c[1].strip().lower() == channel.strip().lower()]
+        if not named:
+            raise ScanError(p, f"no channel {channel!r} in this file (titles: {', '.join(c[1] for c in channels)})")
+        channels = named
     heightish = [c for c in channels if _HEIGHT_TITLE.search(c[1])] or channels
     backward = [c for c in heightish if _BACKWARD_TITLE.search(c[1])]
     forward = [c for c in heightish if not _BACKWARD_TITLE.search(c[1])]
@@ -1259,7 +1279,10 @@ def _read_png(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     )
 
 
-_READERS: dict[str, tuple[Callable[[Path, str | None, str | None], _Raw], str]] = {
+#: Readers that choose among several channels by name (``channel=``); the others hold one.
+_CHANNEL_READERS = (_read_nanonis, _read_gwyddion)
+
+_READERS: dict[str, tuple[Callable[..., _Raw], str]] = {
     ".z_mtrx": (_read_matrix, "Matrix .Z_mtrx"),
     ".sxm": (_read_nanonis, "Nanonis .sxm"),
     ".sm4": (_read_rhk, "RHK .sm4"),
