@@ -49,7 +49,9 @@ def test_evaluate_scores_predictions_against_boxes(tmp_path):
     (truth / "s.json").write_text(json.dumps({"image": "s.jpg", "shape": [64, 80], "scan_nm": [8, 6.4],
                                               "pixel_nm": 0.1, "defects": boxes}))
     found = [{"id": 0, "x": 11.5, "y": 9.0, "class": 3}, {"id": 1, "x": 70, "y": 50, "class": 3}]
-    (preds / "s.json").write_text(json.dumps({"image": "/data/s.jpg", "shape": [64, 80], "defects": found}))
+    (preds / "day1").mkdir()                     # predictions of a folder tree lie in sub-folders
+    (preds / "day1" / "s.json").write_text(json.dumps({"image": "/data/day1/s.jpg", "shape": [64, 80],
+                                                       "defects": found}))
     (preds / "summary.json").write_text("[]")    # other JSONs in the folder are ignored
     r = invoke("evaluate", preds, "--truth", truth)
     assert r.exit_code == 0, r.output

@@ -592,7 +592,9 @@ def evaluate(
     except (OSError, ValueError) as err:
         raise StageError(f"{truth}: {err}") from None
     preds, failed = [], []
-    files = sorted(predictions.glob("*.json"))
+    from stm_defects.analysis.batch import prediction_jsons
+
+    files = list(prediction_jsons(predictions))    # the whole tree: `stm predict` mirrors input folders
     for f in files:
         try:
             d = read_json(f)
