@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	@echo "installing stm-defects and its pinned dependencies into $(VENV) (about 1-2 minutes)..."
+	@echo "installing stm-defects and its pinned dependencies into $(VENV) (about 3-4 minutes)..."
 	$(BIN)/pip install -c constraints.txt -e '.[dev]' > $(VENV)/install.log 2>&1 \
 	  || { grep -v "is ignored" $(VENV)/install.log | tail -40; exit 1; }
 	$(BIN)/python -c "import stm_defects, torch; print('installed stm-defects with torch', torch.__version__)"
