@@ -21,9 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-import yaml
 
-from tiny import tiny_models, with_fitted_classes
+from tiny import tiny_registry, with_fitted_classes
 
 # The package is imported inside the tests: the pool test's worker processes import this module
 # (for its work function) and should not pay for torch.
@@ -251,23 +250,9 @@ def test_the_summary_has_a_fixed_column_per_class_and_densities(models, scans, t
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A SQLite store with a tiny model set registered and in Production, and an empty cache."""
-    from stm_defects.config import predict_config, resolve
-    from stm_defects.mlops.tracking import Tracker, promote
-
-    root = tmp_path_factory.mktemp("cached-registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("STM_PIPELINE_RUN", "cache-test")
-        mp.chdir(root)
-        params = resolve(yaml.safe_load((REPO / "params.yaml").read_text()))
-        config = predict_config(params).to_dict()
-        files = tiny_models(root / "models", config=config)
-        tags = {"gmm": {"calibration": json.dumps({"error_threshold": 0.1})}, "improved": {"config": config}}
-        with Tracker(params, "all") as tr:
-            versions = {key: tr.register(key, path, tags.get(key)) for key, path in files.items()}
-        promote(versions, "Production", force=True)
-    return {"uri": uri, "root": root}
+    with tiny_registry(tmp_path_factory.mktemp("cached-registry"), "cache-test") as reg:
+        pass
+    return {"uri": reg["uri"], "root": reg["root"]}
 
 
 WARM = """

@@ -35,6 +35,7 @@ import torch
 from stm_defects.models import AEConfig, build_autoencoder
 from stm_defects.models import distributed as ddp
 from stm_defects.models.training import TrainConfig, fit_autoencoder
+from tiny import blob_patches
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -68,18 +69,6 @@ def _model(freeze: bool):
                 if isinstance(a, torch.nn.Conv2d) and isinstance(b, torch.nn.BatchNorm2d):
                     a.bias.requires_grad_(False)
     return model
-
-
-def _patches(n: int = N_PATCHES, s: int = 32, seed: int = 0) -> np.ndarray:
-    """Smooth random blobs in [0, 1] (N, 1, s, s): learnable, unlike white noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    c = rng.uniform(6, s - 6, size=(n, 2, 1, 1)).astype(np.float32)
-    w = rng.uniform(2, 6, size=(n, 1, 1)).astype(np.float32)
-    img = np.exp(-((yy - c[:, 0]) ** 2 + (xx - c[:, 1]) ** 2) / (2 * w**2))
-    img += 0.05 * rng.standard_normal(img.shape).astype(np.float32)
-    img = (img - img.min(axis=(1, 2), keepdims=True)) / np.ptp(img, axis=(1, 2), keepdims=True)
-    return img[:, None].astype(np.float32)
 
 
 class RecordingTracker:
@@ -126,7 +115,7 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     import torch.multiprocessing as mp
 
     work = tmp_path_factory.mktemp("ddp")
-    patches = _patches()
+    patches = blob_patches(N_PATCHES)
     np.save(work / "patches.npy", patches)
     np.savez(work / "patches.npz", patches=patches)
     mp.spawn(_worker, args=(WORLD, str(work)), nprocs=WORLD, join=True)
@@ -139,7 +128,7 @@ def single() -> dict[str, tuple[dict, dict]]:
     out = {}
     for name, (freeze, cfg) in CONFIGS.items():
         model = _model(freeze)
-        out[name] = (fit_autoencoder(model, _patches(), cfg, seed=SEED).to_dict(), model.state_dict())
+        out[name] = (fit_autoencoder(model, blob_patches(N_PATCHES), cfg, seed=SEED).to_dict(), model.state_dict())
     return out
 
 

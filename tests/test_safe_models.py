@@ -17,14 +17,13 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from stm_defects.cli import app
 from stm_defects.io import safe_models
 from stm_defects.io.model_files import load_model, load_models
 from stm_defects.io.safe_models import ModelFileError
-from tiny import tiny_improved_state, tiny_models
+from tiny import tiny_improved_state, tiny_models, tiny_registry
 
 REPO = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(1).normal(size=(200, 2))
@@ -310,23 +309,8 @@ def test_a_stage_reads_a_model_only_through_the_manifest(tmp_path):
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A SQLite store with a tiny model set (safe files) registered and in Production."""
-    from stm_defects.config import predict_config, resolve
-    from stm_defects.mlops.tracking import Tracker, promote
-
-    root = tmp_path_factory.mktemp("safe-registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("STM_PIPELINE_RUN", "safe-registry-test")
-        mp.chdir(root)
-        params = resolve(yaml.safe_load((REPO / "params.yaml").read_text()))
-        config = predict_config(params).to_dict()
-        files = tiny_models(root / "models", config=config)
-        tags = {"gmm": {"calibration": json.dumps({"error_threshold": 0.1})}, "improved": {"config": config}}
-        with Tracker(params, "all") as tr:
-            versions = {key: tr.register(key, path, tags.get(key)) for key, path in files.items()}
-        promote(versions, "Production", force=True)
-        yield {"uri": uri, "root": root, "files": files, "params": params, "versions": versions}
+    with tiny_registry(tmp_path_factory.mktemp("safe-registry"), "safe-registry-test") as reg:
+        yield reg
 
 
 @pytest.fixture()

@@ -14,20 +14,9 @@ from stm_defects.models.training import (
     reconstruct,
     resolve_device,
 )
+from tiny import blob_patches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _data(n: int = 192, s: int = 32, seed: int = 0) -> np.ndarray:
-    """Smooth random blobs in [0, 1] (learnable, unlike white noise)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    c = rng.uniform(6, s - 6, size=(n, 2, 1, 1)).astype(np.float32)
-    w = rng.uniform(2, 6, size=(n, 1, 1)).astype(np.float32)
-    img = np.exp(-((yy - c[:, 0]) ** 2 + (xx - c[:, 1]) ** 2) / (2 * w**2))
-    img += 0.05 * rng.standard_normal(img.shape).astype(np.float32)
-    img = (img - img.min(axis=(1, 2), keepdims=True)) / np.ptp(img, axis=(1, 2), keepdims=True)
-    return img[:, None].astype(np.float32)
 
 
 # The slim CPU autoencoders of params.yaml's default profile.
@@ -59,7 +48,7 @@ def test_resolve_device():
 
 
 def test_fit_is_deterministic_and_leaves_global_rng_alone():
-    x = _data(106)
+    x = blob_patches(106)
     rng_state = torch.get_rng_state()
     runs = []
     for _ in range(2):
@@ -85,7 +74,7 @@ def test_fit_is_deterministic_and_leaves_global_rng_alone():
 
 
 def test_early_stopping_restores_best_weights():
-    x = _data(128)
+    x = blob_patches(128)
     # an absurd learning rate makes the val loss stop improving after the first epochs
     cfg = TrainConfig(
         epochs=12, batch_size=32, lr=5.0, early_stopping_patience=2, lr_patience=50, device="cpu"
@@ -108,7 +97,7 @@ def test_early_stopping_restores_best_weights():
 
 
 def test_should_stop_and_lr_schedule():
-    x = _data(96)
+    x = blob_patches(96)
     seen = []
 
     def should_stop(epoch, val_loss):
@@ -124,7 +113,7 @@ def test_should_stop_and_lr_schedule():
 
 
 def test_no_validation_split():
-    x = _data(64)
+    x = blob_patches(64)
     cfg = TrainConfig(epochs=2, batch_size=32, val_fraction=0.0, device="cpu")
     hist = fit_autoencoder(build_autoencoder(AE2_SLIM, seed=0), x, cfg, seed=0)
     assert hist.val_loss == hist.train_loss
@@ -143,13 +132,13 @@ def test_d4_augment():
     assert not torch.equal(d4_augment(big, g), big)
 
     cfg = TrainConfig(epochs=2, batch_size=32, augment="d4", device="cpu")
-    h1 = fit_autoencoder(build_autoencoder(AE1_SLIM, seed=0), _data(96), cfg, seed=1)
-    h2 = fit_autoencoder(build_autoencoder(AE1_SLIM, seed=0), _data(96), cfg, seed=1)
+    h1 = fit_autoencoder(build_autoencoder(AE1_SLIM, seed=0), blob_patches(96), cfg, seed=1)
+    h2 = fit_autoencoder(build_autoencoder(AE1_SLIM, seed=0), blob_patches(96), cfg, seed=1)
     assert h1.train_loss == h2.train_loss and np.isfinite(h1.train_loss).all()
 
 
 def test_inference_helpers():
-    x = _data(70)
+    x = blob_patches(70)
     model = build_autoencoder(AE2_SLIM, seed=0)
     model.train()
     z = encode(model, x, batch_size=32, device="cpu")
@@ -178,7 +167,7 @@ def test_inference_helpers():
 def test_trained_model_checkpoint_round_trip(tmp_path):
     from stm_defects.models import load_checkpoint, save_checkpoint
 
-    x = _data(64)
+    x = blob_patches(64)
     model = build_autoencoder(AE1_SLIM, seed=0)
     hist = fit_autoencoder(model, x, TrainConfig(epochs=1, batch_size=32, device="cpu"), seed=0)
     save_checkpoint(tmp_path / "ae.pt", model, extra={"history": hist.to_dict()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import yaml
@@ -91,3 +92,44 @@ def with_fitted_classes(folder: Path, seed: int = 0) -> Path:
     safe_models.save(folder / "improved" / "state.npz", state, "improved")
     safe_models.write_manifest(folder / "improved", "state.npz", "config.json")
     return folder
+
+
+def blob_patches(n: int = 192, s: int = 32, seed: int = 0):
+    """Smooth random blobs in [0, 1], (n, 1, s, s) float32: learnable, unlike white noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    c = rng.uniform(6, s - 6, size=(n, 2, 1, 1)).astype(np.float32)
+    w = rng.uniform(2, 6, size=(n, 1, 1)).astype(np.float32)
+    img = np.exp(-((yy - c[:, 0]) ** 2 + (xx - c[:, 1]) ** 2) / (2 * w**2))
+    img += 0.05 * rng.standard_normal(img.shape).astype(np.float32)
+    img = (img - img.min(axis=(1, 2), keepdims=True)) / np.ptp(img, axis=(1, 2), keepdims=True)
+    return img[:, None].astype(np.float32)
+
+
+@contextlib.contextmanager
+def tiny_registry(root: Path, pipeline: str):
+    """A SQLite store in ``root`` with a tiny model set (safe files) registered and promoted to
+    Production; yields ``uri``, ``root``, ``files``, ``params``, ``versions``. While inside,
+    MLFLOW_TRACKING_URI points at it and ``root`` is the working folder."""
+    import json
+
+    import pytest
+
+    from stm_defects.config import predict_config, resolve
+    from stm_defects.mlops.tracking import Tracker, promote
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("STM_PIPELINE_RUN", pipeline)
+        mp.chdir(root)
+        params = resolve(yaml.safe_load((REPO / "params.yaml").read_text()))
+        config = predict_config(params).to_dict()
+        files = tiny_models(root / "models", config=config)
+        tags = {"gmm": {"calibration": json.dumps({"error_threshold": 0.1})}, "improved": {"config": config}}
+        with Tracker(params, "all") as tr:
+            versions = {key: tr.register(key, path, tags.get(key)) for key, path in files.items()}
+        promote(versions, "Production", force=True)
+        yield {"uri": uri, "root": root, "files": files, "params": params, "versions": versions}

@@ -1343,21 +1343,6 @@ def edit_class_names(changes: dict, version: str | int | None = None, experiment
     return int(mv.version), current, n
 
 
-def set_class_names(names: dict, version: str | int | None = None, experiment: str = "stm-defects",
-                    key: str = "improved") -> int:
-    """Store class id -> name on a classifier version (`improved` or `gmm`; default: the
-    Production set's). Class names are display metadata, not pinned by the set."""
-    client = _client(experiment)
-    name = MODEL_NAMES[key]
-    if version is None:
-        version = _production_member(client, key).version
-    mv = resolve_version(client, key, version)
-    current = json.loads(mv.tags.get("class_names", "{}"))
-    current.update({str(k): v for k, v in names.items()})
-    client.set_model_version_tag(name, str(version), "class_names", json.dumps(current))
-    return int(version)
-
-
 @contextlib.contextmanager
 def temporary_store():
     """A throwaway MLflow store (tests, `stm train` without tracking)."""
