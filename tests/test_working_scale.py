@@ -66,3 +66,42 @@ def test_results_come_back_on_the_input_grid():
         x0, y0, x1, y1 = r["bbox"]
         assert 0 <= x0 <= r["x"] <= x1 <= img.shape[1] and 0 <= y0 <= r["y"] <= y1 <= img.shape[0]
         assert res.mask[int(round(r["y"])), int(round(r["x"]))]
+
+
+
+
+def _residual_and_rows(pixel_nm: float, sigma_nm: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """A 12.8 nm field: (residual with one elongated bright defect at its centre, a row
+    lattice at 20 degrees with a 0.77 nm period, the centre in px)."""
+    n = int(round(12.8 / pixel_nm))
+    yy, xx = (np.mgrid[0:n, 0:n] + 0.5) * pixel_nm
+    a = np.radians(20.0)
+    u = (xx - 6.4) * np.cos(a) + (yy - 6.4) * np.sin(a)      # along the rows
+    v = -(xx - 6.4) * np.sin(a) + (yy - 6.4) * np.cos(a)     # across
+    residual = np.exp(-(u ** 2 / (2 * (1.6 * sigma_nm) ** 2) + v ** 2 / (2 * sigma_nm ** 2)))
+    lattice = np.cos(2 * np.pi * v / 0.77)
+    return residual.astype(np.float32), lattice.astype(np.float32), 6.4 / pixel_nm - 0.5
+
+
+def _class_patch(pixel_nm: float, sigma_nm: float, physical: bool = True) -> np.ndarray:
+    from stm_defects.improved.classify import canonical_patches
+    from stm_defects.improved.method import patch_step
+
+    cfg = ImprovedConfig()
+    k = working_scale((512, 512), pixel_nm, cfg)      # finer scans: the working grid is at 0.1 nm/px
+    residual, lattice, c = _residual_and_rows(pixel_nm / k, sigma_nm)
+    step = patch_step(pixel_nm, k, cfg) if physical else 1.0
+    patches, _ = canonical_patches(residual, lattice, [(c, c)], cfg.classify, 1.0, step)
+    return patches[0].ravel()
+
+
+def test_a_defect_gives_the_same_class_patch_at_every_pixel_size():
+    """The classes see a patch of the same nm whatever the pixel size: a defect imaged at
+    0.05, 0.1 or 0.2 nm/px gives them the same patch, and a defect twice as big another one."""
+    ref = _class_patch(0.1, 0.3)
+    for pixel_nm in (0.05, 0.2, 0.25):
+        assert np.corrcoef(ref, _class_patch(pixel_nm, 0.3))[0, 1] > 0.98, pixel_nm
+    # patches in pixels: at 0.2 nm/px the same defect looks like one half as big at 0.1 nm/px
+    assert np.corrcoef(ref, _class_patch(0.2, 0.3, physical=False))[0, 1] < 0.9
+    assert np.corrcoef(_class_patch(0.2, 0.3, physical=False), _class_patch(0.1, 0.15))[0, 1] > 0.98
+    assert np.corrcoef(ref, _class_patch(0.1, 0.6))[0, 1] < 0.9

@@ -200,6 +200,10 @@ PixelNmOpt = Annotated[float | None, typer.Option(
                        "overrides the file's own.")]
 ScanNmOpt = Annotated[float | None, typer.Option(
     "--scan-nm", help="Scan width in nm (the pixel size is this over the image width in pixels).")]
+FieldFromNameOpt = Annotated[bool, typer.Option(
+    "--field-from-name", help="For files that carry no pixel size: read the field in nm from the file "
+                              "name (..._100x100_..., ..._1.5x1.5um..., ..._50nm...; a number without a "
+                              "unit is nm). Names that state no field, or two, stay in pixel units.")]
 
 
 ChannelOpt = Annotated[str | None, typer.Option(
@@ -207,7 +211,7 @@ ChannelOpt = Annotated[str | None, typer.Option(
                       "Gwyddion data-field title); default: the topography.")]
 
 
-def check_calibration(pixel_nm: float | None, scan_nm: float | None) -> dict:
+def check_calibration(pixel_nm: float | None, scan_nm: float | None, field_from_name: bool = False) -> dict:
     """The read_scan keywords of a user calibration; a bad one is a user error."""
     from stm_defects.errors import StageError
     from stm_defects.io.scans import calibration_error
@@ -215,17 +219,31 @@ def check_calibration(pixel_nm: float | None, scan_nm: float | None) -> dict:
     why = calibration_error(pixel_nm, scan_nm)
     if why:
         raise StageError(f"--pixel-nm/--scan-nm: {why}")
-    return {"pixel_nm": pixel_nm, "scan_nm": scan_nm}
+    if field_from_name and (pixel_nm is not None or scan_nm is not None):
+        raise StageError("--field-from-name: give it or --pixel-nm/--scan-nm, not both")
+    return {"pixel_nm": pixel_nm, "scan_nm": scan_nm, "field_from_name": field_from_name}
 
 
-def warn_uncalibrated(names: list[str], total: int | None = None) -> None:
+def uncalibrated_hint(names: list[str], field_from_name: bool = False) -> str:
+    """What to give for scans analysed in pixel units; --field-from-name is suggested when one of
+    ``names`` states a field (``..._100x100_...``) and it is not already on."""
+    from stm_defects.io.scans import name_field
+
+    hint = "give --pixel-nm or --scan-nm"
+    if not field_from_name and any(name_field(n) for n in names):
+        hint += ", or --field-from-name (their names look like fields, e.g. " + next(
+            n for n in names if name_field(n)) + ")"
+    return hint
+
+
+def warn_uncalibrated(names: list[str], total: int | None = None, field_from_name: bool = False) -> None:
     """One warning line for the scans analysed in pixel units (``total`` of them, default
     ``len(names)``; the first three names are shown)."""
     total = len(names) if total is None else total
     if total:
         shown = ", ".join(names[:3]) + (f" and {total - 3} more" if total > 3 else "")
         typer.echo(f"warning: {total} scan(s) carry no pixel size ({shown}): sizes and densities "
-                   "are in pixels; give --pixel-nm or --scan-nm", err=True)
+                   f"are in pixels; {uncalibrated_hint(names, field_from_name)}", err=True)
 
 
 # ------------------------------------------------------------------------------------------ info
@@ -237,6 +255,7 @@ def info(
     channel: ChannelOpt = None,
     pixel_nm: PixelNmOpt = None,
     scan_nm: ScanNmOpt = None,
+    field_from_name: FieldFromNameOpt = False,
 ):
     """One line per scan: format, shape, pixel size, channel, direction, height range.
 
@@ -244,7 +263,7 @@ def info(
     from stm_defects.io.scans import read_scan
 
     failed = []
-    calibration = check_calibration(pixel_nm, scan_nm)
+    calibration = check_calibration(pixel_nm, scan_nm, field_from_name)
     files = scan_files(paths)
     for f in files:
         try:
@@ -254,7 +273,8 @@ def info(
             continue
         h = s.height
         source = s.meta.get("pixel_nm_source")
-        px = (f"{s.pixel_nm:.4g} nm/px" + ("" if source == "file" else f" (from --{source.replace('_', '-')})")
+        px = (f"{s.pixel_nm:.4g} nm/px" + ("" if source == "file" else " (from the file name)"
+                                           if source == "file name" else f" (from --{source.replace('_', '-')})")
               if s.pixel_nm else "pixel size unknown")
         crop = f" cropped from {s.original_shape[0]}x{s.original_shape[1]}" if (
             s.original_shape and tuple(s.original_shape) != h.shape) else ""
@@ -301,6 +321,7 @@ def train(
     track: TrackOpt = True,
     pixel_nm: PixelNmOpt = None,
     scan_nm: ScanNmOpt = None,
+    field_from_name: FieldFromNameOpt = False,
 ):
     """Train the whole pipeline on a folder of scans: the stages of dvc.yaml, outside DVC."""
     import dataclasses
@@ -312,9 +333,9 @@ def train(
 
     if not data.is_dir():
         raise StageError(f"{data}: not a folder of scans")
-    calibration = check_calibration(pixel_nm, scan_nm)
+    calibration = check_calibration(pixel_nm, scan_nm, field_from_name)
     p = _params(params, profile)
-    if pixel_nm is not None or scan_nm is not None:   # recorded with the models (params digest)
+    if pixel_nm is not None or scan_nm is not None or field_from_name:   # recorded with the models (params digest)
         p = dataclasses.replace(p, scan_calibration=ScanCalibration(**calibration))
     from stm_defects.mlops.tracking import new_pipeline_key
 
@@ -329,7 +350,9 @@ def train(
             typer.echo(f"validated: {m['n_passed']} passed, {m['n_quarantined']} quarantined")
             if m.get("n_uncalibrated"):
                 typer.echo(f"warning: {m['n_uncalibrated']} training scan(s) carry no pixel size: they are "
-                           "analysed in pixel units; give --pixel-nm or --scan-nm", err=True)
+                           "analysed in pixel units; "
+                           + uncalibrated_hint([f.name for f in sorted(data.rglob("*"))[:200]], field_from_name),
+                           err=True)
     models = out / "models"
     typer.echo(f"models in {models}: predict with `stm predict SCANS --models {models}`"
                + (" or promote them with `stm promote --run latest`" if track else ""))
@@ -402,6 +425,7 @@ def predict(
     profile: ProfileOpt = None,
     pixel_nm: PixelNmOpt = None,
     scan_nm: ScanNmOpt = None,
+    field_from_name: FieldFromNameOpt = False,
     max_pixels: Annotated[int, typer.Option(
         min=1, help="Refuse scans of more pixels (rows x columns) than this before analysing them, saying "
                     "roughly how much memory one would need (a scan of 4096x4096, the default, needs about "
@@ -443,7 +467,7 @@ def predict(
     from stm_defects.errors import StageError
     from stm_defects.io.files import check_unlocked, output_folder, output_lock
 
-    calibration = check_calibration(pixel_nm, scan_nm)
+    calibration = check_calibration(pixel_nm, scan_nm, field_from_name)
     if engine not in ENGINES:
         raise StageError(f"--engine {engine}: use one of {', '.join(ENGINES)}")
     if ray_address is not None and engine != "ray":
@@ -488,7 +512,8 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     from stm_defects.analysis import batch
     from stm_defects.analysis.predict import Failure, read_options, write_failures
 
-    options = read_options(direction, calibration["pixel_nm"], calibration["scan_nm"], calibration.get("channel"))
+    options = read_options(direction, calibration["pixel_nm"], calibration["scan_nm"], calibration.get("channel"),
+                           calibration.get("field_from_name", False))
     key = batch.RunKey.of(bundle, cfg, spec.fingerprint)
     names = batch.output_names(files, batch.common_root(roots))
     produced: set[str] = set()          # the JSONs (relative to OUT) this run wrote or found up to date
@@ -530,7 +555,7 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
             for task in tasks:
                 on_result(task, batch.predict_task(bundle, job, task))
     failures = [f for _, f in sorted(failed, key=lambda x: x[0])]
-    warn_uncalibrated(uncalibrated, tally["uncalibrated"])
+    warn_uncalibrated(uncalibrated, tally["uncalibrated"], bool(options.get("field_from_name")))
     if n_skipped:
         typer.echo(f"skipped {n_skipped} scan(s) already predicted into {out} with these models and settings "
                    "(--force predicts them again)")

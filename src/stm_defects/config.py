@@ -47,9 +47,11 @@ class ValidateParams:
 @dataclass(frozen=True)
 class ScanCalibration:
     """The pixel size of training scans whose files carry none (PNG, JPEG, TIFF, npy, SPIEPy
-    .dat); a given value also overrides a file's own. `stm train --pixel-nm/--scan-nm` sets it."""
+    .dat); a given value also overrides a file's own. `stm train --pixel-nm/--scan-nm` sets it,
+    `--field-from-name` has each such file's field read from its name."""
     pixel_nm: float | None = None    # nm per pixel
     scan_nm: float | None = None     # scan width in nm (pixel size = this / image width)
+    field_from_name: bool = False    # "..._100x100_..." / "..._50nm" in a file name: its field in nm
 
     def __post_init__(self) -> None:
         from stm_defects.io.scans import calibration_error
@@ -60,7 +62,7 @@ class ScanCalibration:
 
     def read_kwargs(self) -> dict:
         """Keywords of `io.scans.read_scan` (and `analysis.dispatch.load_image`)."""
-        return {"pixel_nm": self.pixel_nm, "scan_nm": self.scan_nm}
+        return {"pixel_nm": self.pixel_nm, "scan_nm": self.scan_nm, "field_from_name": self.field_from_name}
 
 
 @dataclass(frozen=True)

@@ -237,7 +237,7 @@ class Job:
     cfg: PredictConfig
     out: str
     provenance: dict
-    options: dict                      # read options: direction, pixel_nm, scan_nm (, channel)
+    options: dict                      # read options: direction, pixel_nm, scan_nm (, channel, field_from_name)
     max_pixels: int | None
     fingerprint: str
     config_values: dict | None = None  # cfg.to_dict() in the driver (`predict_task` checks it)
@@ -260,7 +260,8 @@ def predict_task(models: Models, job: Job, task: Task) -> dict | Failure:
     got = try_predict_scan(task.path, models, job.cfg, job.out, direction=job.options["direction"],
                            provenance=job.provenance, pixel_nm=job.options["pixel_nm"],
                            scan_nm=job.options["scan_nm"], max_pixels=job.max_pixels, name=task.name,
-                           fingerprint=job.fingerprint, channel=job.options.get("channel"))
+                           fingerprint=job.fingerprint, channel=job.options.get("channel"),
+                           field_from_name=bool(job.options.get("field_from_name")))
     if isinstance(got, Failure):
         return got
     return {"index": task.index, "scan": got["scan"], "json": got["json"], "n_defects": got["n_defects"],

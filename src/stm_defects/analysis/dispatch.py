@@ -73,9 +73,10 @@ def preprocess_scan(scan: Scan, cfg: PreprocessConfig, min_side: int = 8,
 
 
 def load_image(path, cfg: PreprocessConfig, *, pixel_nm: float | None = None,
-               scan_nm: float | None = None) -> tuple[Scan, np.ndarray, float]:
+               scan_nm: float | None = None, field_from_name: bool = False) -> tuple[Scan, np.ndarray, float]:
     """Read and preprocess one scan: (scan, img01 float32, scale); see `image_pixel_nm`.
-    ``pixel_nm``/``scan_nm`` calibrate a file that carries no pixel size (`io.scans.read_scan`)."""
-    scan = read_scan(path, pixel_nm=pixel_nm, scan_nm=scan_nm)
+    ``pixel_nm``/``scan_nm``/``field_from_name`` calibrate a file that carries no pixel size
+    (`io.scans.read_scan`)."""
+    scan = read_scan(path, pixel_nm=pixel_nm, scan_nm=scan_nm, field_from_name=field_from_name)
     img, scale = preprocess_scan(scan, cfg)
     return scan, img, scale

@@ -146,12 +146,15 @@ def input_identity(path: str | Path) -> dict:
 
 
 def read_options(direction: str | None = None, pixel_nm: float | None = None,
-                 scan_nm: float | None = None, channel: str | None = None) -> dict:
+                 scan_nm: float | None = None, channel: str | None = None,
+                 field_from_name: bool = False) -> dict:
     """The options that change what is read from a file, as recorded in its JSON (``options``);
-    ``channel`` only when one was chosen."""
+    ``channel`` only when one was chosen, ``field_from_name`` only when on."""
     out = {"direction": direction, "pixel_nm": pixel_nm, "scan_nm": scan_nm}
     if channel is not None:
         out["channel"] = channel
+    if field_from_name:
+        out["field_from_name"] = True
     return out
 
 
@@ -184,22 +187,25 @@ def predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_dir: 
                  direction: str | None = None, provenance: dict | None = None,
                  pixel_nm: float | None = None, scan_nm: float | None = None,
                  max_pixels: int | None = None, name: str | None = None,
-                 fingerprint: str | None = None, channel: str | None = None) -> dict:
+                 fingerprint: str | None = None, channel: str | None = None,
+                 field_from_name: bool = False) -> dict:
     """Write `<name>_overlay.png`, `_classes.png`, `_character.png` and `<name>.json` (``name``:
     the path relative to the output folder, default the file's stem); return a summary row.
     Any error propagates as raised (see `try_predict_scan` for the batch form).
 
-    ``pixel_nm`` / ``scan_nm`` calibrate a file that carries no pixel size (`io.scans.read_scan`);
-    a scan of more than ``max_pixels`` pixels is refused before analysis (`check_size`).
+    ``pixel_nm`` / ``scan_nm`` / ``field_from_name`` calibrate a file that carries no pixel size
+    (`io.scans.read_scan`); a scan of more than ``max_pixels`` pixels is refused before analysis (`check_size`).
     ``fingerprint`` is recorded as the JSON's ``models_sha256``.
     """
     path = Path(path)
-    scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm, channel=channel)
+    scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm, channel=channel,
+                     field_from_name=field_from_name)
     source = input_identity(path)
     check_size(scan, max_pixels)
     analysed = analyse_scan(scan, models, cfg)
     return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance, name=name, source=source,
-                            options=read_options(direction, pixel_nm, scan_nm, channel), fingerprint=fingerprint)
+                            options=read_options(direction, pixel_nm, scan_nm, channel, field_from_name),
+                            fingerprint=fingerprint)
 
 
 def output_stem(path: Path, scan: Scan, name: str | None = None) -> str:
@@ -338,7 +344,8 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
                      direction: str | None = None, provenance: dict | None = None,
                      pixel_nm: float | None = None, scan_nm: float | None = None,
                      max_pixels: int | None = None, name: str | None = None,
-                     fingerprint: str | None = None, channel: str | None = None) -> dict | Failure:
+                     fingerprint: str | None = None, channel: str | None = None,
+                     field_from_name: bool = False) -> dict | Failure:
     """`predict_scan` for a batch: the summary row, or the `Failure` of the stage that raised.
 
     Stages: read (the file, its sha256, and the size check), analyse (preprocessing and the
@@ -347,14 +354,16 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
     """
     path, stage = Path(path), "read"
     try:
-        scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm, channel=channel)
+        scan = read_scan(path, direction=direction, pixel_nm=pixel_nm, scan_nm=scan_nm, channel=channel,
+                         field_from_name=field_from_name)
         source = input_identity(path)
         check_size(scan, max_pixels)
         stage = "analyse"
         analysed = analyse_scan(scan, models, cfg)
         stage = "write"
         return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance, name=name,
-                                source=source, options=read_options(direction, pixel_nm, scan_nm, channel),
+                                source=source,
+                                options=read_options(direction, pixel_nm, scan_nm, channel, field_from_name),
                                 fingerprint=fingerprint)
     except Exception as err:  # noqa: BLE001 - one bad scan must not end the batch
         return Failure(str(path), stage, failure_reason(err), err)

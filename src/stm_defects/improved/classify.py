@@ -86,21 +86,28 @@ def row_angles(lattice: np.ndarray, centres_yx, window: int = 24) -> np.ndarray:
 
 
 def canonical_patches(residual: np.ndarray, lattice: np.ndarray, centres_yx, cfg: ClassifyConfig,
-                      unit: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      unit: float | None = None, step: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(N, P, P) patches in the rows' frame, D4-canonical, in lattice-corrugation units; and
-    the row angle of each defect."""
+    the row angle of each defect.
+
+    ``step`` is the spacing of the patch grid in image pixels (and scales ``smooth`` and
+    ``orient_window``, which are in patch pixels): with step = (patch pixel in nm) / (image
+    pixel in nm), a patch covers the same nm on every scan, so a defect imaged at 0.2 nm/px
+    gives the patch it gives at 0.1 nm/px."""
     c = np.asarray(centres_yx, np.float64).reshape(-1, 2)
     P = int(cfg.patch)
     if len(c) == 0:
         return np.zeros((0, P, P), np.float32), np.zeros(0)
+    step = float(step)
     r = np.asarray(residual, np.float32)
     if cfg.smooth:
-        r = ndi.gaussian_filter(r, cfg.smooth)
+        r = ndi.gaussian_filter(r, cfg.smooth * step)
     if unit is None:
         unit = float(np.std(lattice)) or 1.0
-    ang = row_angles(lattice, c, cfg.orient_window)
+    ang = row_angles(lattice, c, max(2, int(round(cfg.orient_window * step))))
     h = (P - 1) / 2.0
     u, v = np.meshgrid(np.arange(P) - h, np.arange(P) - h)       # u along rows (cols), v across
+    u, v = u * step, v * step
     out = np.empty((len(c), P, P), np.float32)
     for i, ((y, x), a) in enumerate(zip(c, ang)):
         ca, sa = np.cos(a), np.sin(a)

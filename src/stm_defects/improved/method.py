@@ -67,9 +67,19 @@ def _unit(res: AnomalyResult) -> float:
     return float(np.std(v[::3])) if v.size else 1.0
 
 
-def defect_patches(res: AnomalyResult, cfg: ImprovedConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical patches (N, P, P) and row angles (N,) of the defects of one detection result."""
-    return canonical_patches(res.residual, res.lattice, _centres(res), cfg.classify, _unit(res))
+def patch_step(pixel_nm: float | None, k: float, cfg: ImprovedConfig) -> float:
+    """Image pixels of the working grid per canonical-patch pixel: the patch pixel is
+    ``working_pixel_nm`` on every calibrated scan (coarser scans are sampled between their
+    pixels), so a patch covers the same nm whatever the scan's pixel size; 1 in pixel units."""
+    if pixel_nm is None or cfg.working_pixel_nm is None or not pixel_nm > 0:
+        return 1.0
+    return float(cfg.working_pixel_nm) / (float(pixel_nm) / k)
+
+
+def defect_patches(res: AnomalyResult, cfg: ImprovedConfig, step: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical patches (N, P, P) and row angles (N,) of the defects of one detection result
+    (``step``: see `patch_step`)."""
+    return canonical_patches(res.residual, res.lattice, _centres(res), cfg.classify, _unit(res), step)
 
 
 def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int = 0,
@@ -79,8 +89,9 @@ def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int
     n_det = []
     pixel_nms = list(pixel_nms) if pixel_nms is not None else [None] * len(train_images)
     for img, px in zip(train_images, pixel_nms):
-        res = detect(_to_working(img, working_scale(img.shape, px, cfg)), cfg.anomaly)
-        p, _ = defect_patches(res, cfg)
+        k = working_scale(img.shape, px, cfg)
+        res = detect(_to_working(img, k), cfg.anomaly)
+        p, _ = defect_patches(res, cfg, patch_step(px, k, cfg))
         patches.append(p)
         n_det.append(len(p))
     P = int(cfg.classify.patch)
@@ -107,7 +118,7 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
     classes = state.get("classes") if state else None
     regions = []
     if res.regions:
-        patches, ang = defect_patches(res, cfg)
+        patches, ang = defect_patches(res, cfg, patch_step(pixel_nm, k, cfg))
         got = classify_patches(classes, patches) if classes is not None else None
         for i, (r, a) in enumerate(zip(res.regions, ang)):
             region = {"id": r["id"], "x": r["x"], "y": r["y"], "bbox": r["bbox"],

@@ -178,13 +178,15 @@ class _Raw:
 
 def read_scan(path: str | os.PathLike, direction: str | None = None, *,
               pixel_nm: float | None = None, scan_nm: float | None = None,
-              channel: str | None = None) -> Scan:
+              channel: str | None = None, field_from_name: bool = False) -> Scan:
     """Read the topography image of one file.
 
     ``pixel_nm`` (nm per pixel) or ``scan_nm`` (the scan's width in nm) calibrate files that
     carry no pixel size (PNG, JPEG, TIFF, npy, SPIEPy .dat) and override the file's own where it
-    has one; ``scan.meta["pixel_nm_source"]`` says which was used ("file", "pixel_nm",
-    "scan_nm" or None for pixel units).
+    has one. ``field_from_name`` takes the field of a file that carries no pixel size from its
+    name (``..._100x100_...``, ``..._50nm.png``; see :func:`name_field`); a file's own pixel size
+    wins over it. ``scan.meta["pixel_nm_source"]`` says which was used ("file", "pixel_nm",
+    "scan_nm", "file name" or None for pixel units).
 
     ``direction`` picks the trace where a file holds several: "forward/up"
     (default), "backward/up", "forward/down" or "backward/down" for Matrix;
@@ -253,7 +255,37 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
                                f"--channel {channel!r} does not name it")
     if pixel_nm is None and scan_nm is None:
         _check_file_pixels(raw, spath)
-    return _calibrate(_finalise(raw, spath), pixel_nm, scan_nm)
+    return _calibrate(_finalise(raw, spath), pixel_nm, scan_nm, field_from_name)
+
+
+# A field in a file name: "100x100", "1.5x1.5um", "20 x 20 nm", "50nm" (unit nm when none is
+# given), between separators, so that "SL445", "-1.4V", "Z_030" or "c(4x2)" never match.
+_NAME_UNITS = {"nm": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3}
+_NAME_FIELD = re.compile(
+    r"(?<![0-9A-Za-z.(])(?:(\d+(?:\.\d+)?)\s*(nm|um|µm|μm)?\s*[x×]\s*(\d+(?:\.\d+)?)\s*(nm|um|µm|μm)?"
+    r"|(\d+(?:\.\d+)?)\s*(nm|um|µm|μm))(?![0-9A-Za-z)])", re.IGNORECASE)
+
+
+def name_field(name: str) -> tuple[float, float] | None:
+    """The scan field (width, height) in nm that a file name states, or None.
+
+    Recognised: ``WxH`` with an optional unit on either number (``100x100``, ``1.5x1.5um``,
+    ``20 x 20 nm``), or one length with its unit (``50nm``: a square field); a number without a
+    unit is in nm. Only the file's stem is read. A name that states two different fields gives
+    None (it is ambiguous), as does one whose numbers are the image's size in pixels (see
+    :func:`read_scan`, which checks that).
+    """
+    found = set()
+    for m in _NAME_FIELD.finditer(Path(name).stem):
+        if m.group(5) is not None:
+            w = h = float(m.group(5)) * _NAME_UNITS[m.group(6).lower()]
+        else:
+            unit = (m.group(4) or m.group(2) or "nm").lower()
+            w = float(m.group(1)) * _NAME_UNITS[(m.group(2) or unit).lower()]
+            h = float(m.group(3)) * _NAME_UNITS[unit]
+        if w > 0 and h > 0:
+            found.add((w, h))
+    return found.pop() if len(found) == 1 else None
 
 
 def pixel_size_error(value: Any, what: str = "pixel size") -> str | None:
@@ -315,9 +347,15 @@ def _check_file_pixels(raw: _Raw, spath: str) -> None:
             raise ScanError(spath, f"{why}{source}; give the right pixel size with --pixel-nm or --scan-nm")
 
 
-def _calibrate(scan: Scan, pixel_nm: float | None, scan_nm: float | None) -> Scan:
-    """``scan`` with the pixel size the caller gave, else the file's (checked in read_scan)."""
+def _calibrate(scan: Scan, pixel_nm: float | None, scan_nm: float | None,
+               field_from_name: bool = False) -> Scan:
+    """``scan`` with the pixel size the caller gave, else the file's (checked in read_scan), else
+    (``field_from_name``) the one its name states."""
     meta = dict(scan.meta)
+    named = name_field(scan.path) if field_from_name and scan.pixel_nm is None else None
+    shape = scan.original_shape or scan.height.shape
+    if named is not None and (round(named[0]), round(named[1])) in ((shape[1], shape[0]), (shape[0], shape[1])):
+        named = None            # "scan_512x512.png" of a 512x512 image: pixels, not nm
     if pixel_nm is not None:
         size, source = float(pixel_nm), "pixel_nm"
     elif scan_nm is not None:
@@ -328,6 +366,13 @@ def _calibrate(scan: Scan, pixel_nm: float | None, scan_nm: float | None) -> Sca
             raise ScanError(scan.path, why)
     elif scan.pixel_nm is not None:
         size, source = scan.pixel_nm, "file"
+    elif named is not None:
+        size, source = named[0] / shape[1], "file name"
+        why = pixel_size_error(size, f"the pixel size from the {named[0]:g} nm field in the file name "
+                                     f"over {shape[1]} px")
+        if why:
+            raise ScanError(scan.path, why + "; give --pixel-nm or --scan-nm")
+        meta["field_nm_from_name"] = [named[0], named[1]]
     else:
         size, source = None, None
     meta["pixel_nm_source"] = source
