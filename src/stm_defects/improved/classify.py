@@ -53,6 +53,7 @@ class ClassifyConfig:
     merge_overlap: float = 0.12
     unknown_quantile: float = 0.005
     max_samples: int = 4000
+    n_init: int = 3                 # EM restarts of each mixture (the best likelihood is kept)
 
 
 def _windows(a: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
@@ -145,7 +146,7 @@ def _project(state: dict, patches: np.ndarray) -> np.ndarray:
 
 
 def _gmm(k: int, cfg: ClassifyConfig, seed: int) -> GaussianMixture:
-    return GaussianMixture(k, covariance_type=cfg.covariance, n_init=1, random_state=seed,
+    return GaussianMixture(k, covariance_type=cfg.covariance, n_init=int(cfg.n_init), random_state=seed,
                            reg_covar=1e-3, max_iter=300)
 
 

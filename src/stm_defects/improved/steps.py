@@ -14,6 +14,7 @@ Coordinates: rows (y) first, as numpy.  Inputs are never modified.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -306,7 +307,8 @@ def refine_terraces(img: np.ndarray, terr: Terraces, cfg: StepConfig = StepConfi
     best = np.argmin(d, axis=0)
     dmin = d[best, np.arange(best.size)]
     lv_ok = np.where(ok, lv, np.nan)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # a pixel with no terrace near: NaN
         span = np.nanmax(lv_ok, axis=0) - np.nanmin(lv_ok, axis=0)
     span = np.nan_to_num(span, nan=0.0)
     amb = (dmin > cfg.refine_frac * span) | ~np.isfinite(dmin) | (ok.sum(0) < 2) & (terr.dist[zone] <= 1.5)
