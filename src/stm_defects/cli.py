@@ -417,7 +417,9 @@ def predict(
     models: Annotated[Path | None, typer.Option(
         help="Use models from this local folder (ae1/, kmeans/, ae2/, gmm/, improved/) instead of the "
              "registry.")] = None,
-    direction: Annotated[str | None, typer.Option(help="Scan direction, e.g. forward/up, backward.")] = None,
+    direction: Annotated[str | None, typer.Option(
+        help="Scan direction, e.g. forward/up, backward; all: every direction each file holds, "
+             "as <name>_<direction> outputs.")] = None,
     channel: ChannelOpt = None,
     params: Annotated[Path | None, typer.Option(
         "--params", "-p", help="Override the models' own prediction config with this params.yaml "
@@ -501,6 +503,28 @@ def _inputs_outside(files: list[Path], out: Path) -> list[Path]:
     return keep
 
 
+def _each_direction(files, names, direction, channel):
+    """(file, output name, direction to read or None) per scan to predict: one per file, or with
+    `--direction all` one per direction each file holds, named `<name>_<direction>` (a file that
+    cannot be read keeps one entry, whose read then fails with the reason)."""
+    from stm_defects.io.scans import directions_in
+
+    if not is_all_directions(direction):
+        for f, name in zip(files, names):
+            yield f, name, None
+        return
+    with _progress(len(files), "directions") as bar:
+        for f, name in zip(files, names):
+            found = directions_in(f, channel)
+            for one in found or [None]:
+                yield f, (f"{name}_{one.replace('/', '-')}" if one else name), one
+            bar.update(1)
+
+
+def is_all_directions(direction: str | None) -> bool:
+    return direction is not None and direction.strip().lower() == "all"
+
+
 def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direction, calibration, max_pixels,
                    *, workers: int = 1, force: bool = False, engine: str = "local",
                    ray_address: str | None = None) -> None:
@@ -517,14 +541,14 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     key = batch.RunKey.of(bundle, cfg, spec.fingerprint)
     names = batch.output_names(files, batch.common_root(roots))
     produced: set[str] = set()          # the JSONs (relative to OUT) this run wrote or found up to date
-    tasks = []
-    for i, (f, name) in enumerate(zip(files, names)):
+    tasks, n_skipped = [], 0
+    for f, name, one in _each_direction(files, names, direction, calibration.get("channel")):
         done = None if force else batch.already_done(out, name, f, key, options)
         if done is None:
-            tasks.append(batch.Task(i, str(f), name))
+            tasks.append(batch.Task(len(tasks) + n_skipped, str(f), name, one))
         else:
             produced.add(done)
-    n_skipped = len(files) - len(tasks)
+            n_skipped += 1
     job = batch.Job(cfg, str(out), provenance, options, max_pixels, spec.fingerprint, key.config)
     failed: list[tuple[int, Failure]] = []
     tally = {"done": 0, "defects": 0, "uncalibrated": 0}
@@ -584,7 +608,7 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
         typer.echo(f"warning: {report.superseded} older JSON(s) of scans of this run (a failed scan's, or "
                    "under an older output name) are left out of summary.csv", err=True)
     rows = f": {report.rows} scan(s)" if report is not None else ""
-    typer.echo(f"{tally['done']} of {len(files)} scan(s) predicted, {tally['defects']} defects -> {out} "
+    typer.echo(f"{tally['done']} of {len(tasks) + n_skipped} scan(s) predicted, {tally['defects']} defects -> {out} "
                f"(summary {out / 'summary.csv'}{rows}; report {out / 'report.html'}; "
                f"config from {provenance['source']})")
     report_failures(failures, len(files), listed_in=out / "failures.csv", then_exit=False)

@@ -224,10 +224,12 @@ def already_done(out: Path, name: str, path: Path, key: RunKey, options: dict) -
 
 # ------------------------------------------------------------------------------------- tasks
 class Task(NamedTuple):
-    """One scan of a batch: its position in the input list, its path (as given) and output name."""
+    """One scan of a batch: its position in the batch, its path (as given), its output name and,
+    with `--direction all`, the one direction of the file it reads (None: the run's option)."""
     index: int
     path: str
     name: str
+    direction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,8 @@ def predict_task(models: Models, job: Job, task: Task) -> dict | Failure:
     fails each scan with `CODE_DIFFERS` instead of writing JSONs no summary would count."""
     if job.config_values is not None and json.loads(json.dumps(job.cfg.to_dict())) != job.config_values:
         return Failure(task.path, "analyse", CODE_DIFFERS, was_expected=True)
-    got = try_predict_scan(task.path, models, job.cfg, job.out, direction=job.options["direction"],
+    direction = job.options["direction"] if task.direction is None else task.direction
+    got = try_predict_scan(task.path, models, job.cfg, job.out, direction=direction, options=job.options,
                            provenance=job.provenance, pixel_nm=job.options["pixel_nm"],
                            scan_nm=job.options["scan_nm"], max_pixels=job.max_pixels, name=task.name,
                            fingerprint=job.fingerprint, channel=job.options.get("channel"),

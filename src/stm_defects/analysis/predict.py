@@ -345,12 +345,13 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
                      pixel_nm: float | None = None, scan_nm: float | None = None,
                      max_pixels: int | None = None, name: str | None = None,
                      fingerprint: str | None = None, channel: str | None = None,
-                     field_from_name: bool = False) -> dict | Failure:
+                     field_from_name: bool = False, options: dict | None = None) -> dict | Failure:
     """`predict_scan` for a batch: the summary row, or the `Failure` of the stage that raised.
 
     Stages: read (the file, its sha256, and the size check), analyse (preprocessing and the
     method), write (pictures and JSON). Any `Exception` becomes a `Failure`; the files of other
-    scans are untouched.
+    scans are untouched. ``options`` are the run's read options recorded in the JSON (default:
+    those of this call; `stm predict --direction all` records "all" and reads one direction).
     """
     path, stage = Path(path), "read"
     try:
@@ -363,7 +364,8 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
         stage = "write"
         return write_prediction(path, scan, analysed, models, cfg, out_dir, provenance, name=name,
                                 source=source,
-                                options=read_options(direction, pixel_nm, scan_nm, channel, field_from_name),
+                                options=options if options is not None else
+                                read_options(direction, pixel_nm, scan_nm, channel, field_from_name),
                                 fingerprint=fingerprint)
     except Exception as err:  # noqa: BLE001 - one bad scan must not end the batch
         return Failure(str(path), stage, failure_reason(err), err)

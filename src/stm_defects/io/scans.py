@@ -258,6 +258,26 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
     return _calibrate(_finalise(raw, spath), pixel_nm, scan_nm, field_from_name)
 
 
+def directions_in(path: str | os.PathLike, channel: str | None = None) -> list[str]:
+    """The scan directions a file holds, named as :func:`read_scan` takes them ("forward/up" ...
+    for Matrix; "forward", "backward" for Nanonis, RHK and Gwyddion; "forward" for one-image
+    formats); [] when the file cannot be read (reading it then says why)."""
+    try:
+        first = read_scan(path, channel=channel)
+    except ScanError:
+        return []
+    if first.meta.get("available_directions"):          # Matrix lists its traces
+        return [str(d) for d in first.meta["available_directions"]]
+    found = [first.direction]
+    for d in ("forward", "backward"):
+        if d not in found:
+            try:
+                found.append(read_scan(path, direction=d, channel=channel).direction)
+            except ScanError:
+                continue
+    return list(dict.fromkeys(found))
+
+
 # A field in a file name: "100x100", "1.5x1.5um", "20 x 20 nm", "50nm" (unit nm when none is
 # given), between separators, so that "SL445", "-1.4V", "Z_030" or "c(4x2)" never match.
 _NAME_UNITS = {"nm": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3}

@@ -50,7 +50,7 @@ def require_ray() -> None:
 
 class PredictActor:
     """A Ray Data callable class: loads the models once per actor, then predicts batches of scans
-    (columns ``index``, ``path``, ``name``) into the output folder; returns per scan ``index``
+    (columns ``index``, ``path``, ``name``, ``direction``) into the output folder; returns per scan ``index``
     and ``result``, a JSON text: the small row of `predict_task`, or ``{"failure": ...}``.
     ``spec`` is a `ModelSpec`, or a one-item list holding an ObjectRef of one."""
 
@@ -76,8 +76,8 @@ class PredictActor:
         import numpy as np
 
         out = []
-        for index, path, name in zip(batch["index"], batch["path"], batch["name"]):
-            task = Task(int(index), str(path), str(name))
+        for index, path, name, direction in zip(batch["index"], batch["path"], batch["name"], batch["direction"]):
+            task = Task(int(index), str(path), str(name), str(direction) or None)
             if self.error is not None:
                 got = Failure(task.path, "analyse", self.error, was_expected=False)
             else:
@@ -124,7 +124,8 @@ def predict_with_ray(tasks: list[Task], spec: ModelSpec, job: Job, workers: int,
     by_index = {t.index: t for t in tasks}
     try:
         # blocks of a few scans, so that every actor gets work and results come back as they finish
-        ds = ray.data.from_items([{"index": t.index, "path": t.path, "name": t.name} for t in tasks],
+        ds = ray.data.from_items([{"index": t.index, "path": t.path, "name": t.name,
+                                   "direction": t.direction or ""} for t in tasks],
                                  override_num_blocks=min(len(tasks), 64 * workers))
         # the spec (a few MB of model bytes) goes to the object store once, held here for the run;
         # the actors get a reference to it (inside a list, so that Ray passes the reference itself)
