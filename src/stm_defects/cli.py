@@ -503,6 +503,20 @@ def _inputs_outside(files: list[Path], out: Path) -> list[Path]:
     return keep
 
 
+def _write_config_used(path: Path, cfg, options: dict, provenance: dict, bundle) -> None:
+    """The prediction settings of the run into OUT (YAML): where the config came from, the model
+    versions, the read options and every value of the prediction config (`PredictConfig`)."""
+    import yaml
+
+    from stm_defects.io.files import atomic_file, jsonable
+
+    doc = {"config_from": provenance.get("source"), "models": jsonable(bundle.versions),
+           "options": jsonable(options), "prediction_config": jsonable(cfg.to_dict())}
+    with atomic_file(path, "w") as fh:
+        fh.write("# The settings of the `stm predict` run whose outputs are in this folder (summary.csv)\n")
+        yaml.safe_dump(doc, fh, sort_keys=False, default_flow_style=None, width=100)
+
+
 def _each_direction(files, names, direction, channel):
     """(file, output name, direction to read or None) per scan to predict: one per file, or with
     `--direction all` one per direction each file holds, named `<name>_<direction>` (a file that
@@ -591,6 +605,10 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
         table_errors.append(err)
     try:
         write_failures(failures, out / "failures.csv")
+    except OSError as err:
+        table_errors.append(err)
+    try:            # the settings behind summary.csv, for whoever reads the results later
+        _write_config_used(out / "config_used.yaml", cfg, options, provenance, bundle)
     except OSError as err:
         table_errors.append(err)
     if report is not None:
@@ -832,6 +850,34 @@ def results():
                        f"step-edge FP/scan {s.get('step_edge_fp_mean', float('nan')):.2f}")
 
 
+@app.command("create-config")
+@user_errors
+def create_config(
+    path: Annotated[Path, typer.Argument(help="File to write.")] = Path("stm-config.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite PATH if it exists.")] = False,
+):
+    """Write the default configuration, every value commented, to edit and give to `stm train
+    --params` or `stm predict --params`. Values are checked when a command reads the file: a wrong
+    type or range is one line naming the key."""
+    from stm_defects.config import load_params
+    from stm_defects.errors import StageError
+    from stm_defects.io.files import atomic_file
+    from stm_defects.project import params_path
+
+    if path.exists() and not force:
+        raise StageError(f"{path}: exists; give --force to overwrite it, or another path")
+    if path.is_dir():
+        raise StageError(f"{path}: is a folder; give a file name")
+    source = params_path()
+    text = source.read_text()
+    load_params(source)                 # the defaults themselves are valid
+    with atomic_file(path, "w") as fh:
+        fh.write(f"# stm-defects configuration, written by `stm create-config` from {source}\n"
+                 "# Edit, then: stm predict SCANS --params THIS_FILE  /  stm train FOLDER --params THIS_FILE\n"
+                 + text)
+    typer.echo(f"wrote {path}: edit it, then give it with --params to `stm predict` or `stm train`")
+
+
 # ------------------------------------------------------------------------------ help layout
 #: `stm --help` groups the commands by what a user is doing, each with a one-line summary (the
 #: docstrings keep the detail for `stm COMMAND --help`).
@@ -842,6 +888,7 @@ HELP_PANELS = {
         "classes": "A gallery of example defects per class, to decide what each class is.",
         "name-class": "Name a class, remove a name (--remove) or list the names (--list).",
         "evaluate": "Score predictions against boxes drawn by people (P/R/F1 with intervals).",
+        "create-config": "Write the default configuration, commented, to edit and give with --params.",
     },
     "Models": {
         "train": "Train the whole pipeline on your own folder of scans.",
