@@ -53,8 +53,9 @@ def test_predict_every_direction(tmp_path):
     out = tmp_path / "out"
     args = ["predict", str(scans), "--models", str(models), "--out", str(out), "--direction", "all"]
     run = CliRunner().invoke(app, args)
-    assert run.exit_code == 1, run.output          # broken.sxm fails, and is listed
+    assert run.exit_code == 1, run.output          # broken.sxm fails with its own reason, and is listed
     assert "broken.sxm" in run.output and "Traceback" not in run.output
+    assert "unknown direction" not in run.output and "Nanonis" in run.output, run.output
     stem = SXM.stem
     for d in ("forward", "backward"):
         doc = json.loads((out / f"{stem}_{d}.json").read_text())

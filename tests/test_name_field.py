@@ -52,6 +52,13 @@ def test_a_name_that_states_the_pixel_count_is_not_a_field(tmp_path):
     assert read_scan(f, field_from_name=True).pixel_nm is None
 
 
+def test_a_name_whose_field_has_another_aspect_ratio_is_not_a_field(tmp_path):
+    f = _png(tmp_path / "scan_20x40.png")                  # a square image
+    assert read_scan(f, field_from_name=True).pixel_nm is None
+    g = _png(tmp_path / "scan_20x10.png", (100, 200))      # 200 px wide, 100 px high
+    assert read_scan(g, field_from_name=True).pixel_nm == pytest.approx(0.1)
+
+
 def test_an_implausible_field_in_a_name_is_one_line(tmp_path):
     f = _png(tmp_path / "scan_9e9x9e9.png")      # not a number the pattern takes: pixel units
     assert read_scan(f, field_from_name=True).pixel_nm is None

@@ -329,6 +329,7 @@ def train(
 
     from stm_defects.config import ScanCalibration
     from stm_defects.errors import StageError
+    from stm_defects.io.scans import find_scans
     from stm_defects.mlops.run import run_stage
 
     if not data.is_dir():
@@ -351,7 +352,7 @@ def train(
             if m.get("n_uncalibrated"):
                 typer.echo(f"warning: {m['n_uncalibrated']} training scan(s) carry no pixel size: they are "
                            "analysed in pixel units; "
-                           + uncalibrated_hint([f.name for f in sorted(data.rglob("*"))[:200]], field_from_name),
+                           + uncalibrated_hint([f.name for f in find_scans(data)[:200]], field_from_name),
                            err=True)
     models = out / "models"
     typer.echo(f"models in {models}: predict with `stm predict SCANS --models {models}`"
@@ -517,21 +518,24 @@ def _write_config_used(path: Path, cfg, options: dict, provenance: dict, bundle)
         yaml.safe_dump(doc, fh, sort_keys=False, default_flow_style=None, width=100)
 
 
-def _each_direction(files, names, direction, channel):
+def _each_direction(files, names, direction, calibration):
     """(file, output name, direction to read or None) per scan to predict: one per file, or with
-    `--direction all` one per direction each file holds, named `<name>_<direction>` (a file that
-    cannot be read keeps one entry, whose read then fails with the reason)."""
+    `--direction all` one per direction each file holds, named `<name>_<direction>` (Matrix
+    outputs carry their direction anyway). A file that cannot be read in any direction keeps one
+    entry, whose read then fails with the reason."""
     from stm_defects.io.scans import directions_in
 
     if not is_all_directions(direction):
         for f, name in zip(files, names):
             yield f, name, None
         return
+    read = {k: calibration.get(k) for k in ("pixel_nm", "scan_nm", "field_from_name")}
     with _progress(len(files), "directions") as bar:
         for f, name in zip(files, names):
-            found = directions_in(f, channel)
+            found = directions_in(f, calibration.get("channel"), **read)
             for one in found or [None]:
-                yield f, (f"{name}_{one.replace('/', '-')}" if one else name), one
+                own = one is None or Path(f).suffix.lower() == ".z_mtrx"
+                yield f, (name if own else f"{name}_{one.replace('/', '-')}"), one
             bar.update(1)
 
 
@@ -550,13 +554,15 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     from stm_defects.analysis import batch
     from stm_defects.analysis.predict import Failure, read_options, write_failures
 
+    if is_all_directions(direction):
+        direction = "all"
     options = read_options(direction, calibration["pixel_nm"], calibration["scan_nm"], calibration.get("channel"),
                            calibration.get("field_from_name", False))
     key = batch.RunKey.of(bundle, cfg, spec.fingerprint)
     names = batch.output_names(files, batch.common_root(roots))
     produced: set[str] = set()          # the JSONs (relative to OUT) this run wrote or found up to date
     tasks, n_skipped = [], 0
-    for f, name, one in _each_direction(files, names, direction, calibration.get("channel")):
+    for f, name, one in _each_direction(files, names, direction, calibration):
         done = None if force else batch.already_done(out, name, f, key, options)
         if done is None:
             tasks.append(batch.Task(len(tasks) + n_skipped, str(f), name, one))
@@ -629,7 +635,7 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     typer.echo(f"{tally['done']} of {len(tasks) + n_skipped} scan(s) predicted, {tally['defects']} defects -> {out} "
                f"(summary {out / 'summary.csv'}{rows}; report {out / 'report.html'}; "
                f"config from {provenance['source']})")
-    report_failures(failures, len(files), listed_in=out / "failures.csv", then_exit=False)
+    report_failures(failures, len(tasks) + n_skipped, listed_in=out / "failures.csv", then_exit=False)
     if table_errors:
         raise table_errors[0]          # one line, by `user_errors`
     if failures:
@@ -864,10 +870,10 @@ def create_config(
     from stm_defects.io.files import atomic_file
     from stm_defects.project import params_path
 
-    if path.exists() and not force:
-        raise StageError(f"{path}: exists; give --force to overwrite it, or another path")
     if path.is_dir():
         raise StageError(f"{path}: is a folder; give a file name")
+    if path.exists() and not force:
+        raise StageError(f"{path}: exists; give --force to overwrite it, or another path")
     source = params_path()
     text = source.read_text()
     load_params(source)                 # the defaults themselves are valid

@@ -30,6 +30,7 @@ Every function here writes only inside the output folder, through `io.files`' at
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -260,12 +261,16 @@ def predict_task(models: Models, job: Job, task: Task) -> dict | Failure:
     if job.config_values is not None and json.loads(json.dumps(job.cfg.to_dict())) != job.config_values:
         return Failure(task.path, "analyse", CODE_DIFFERS, was_expected=True)
     direction = job.options["direction"] if task.direction is None else task.direction
+    if direction == "all":          # a file no direction of which could be read: read the default
+        direction = None            # one, so that the failure gives the file's own reason
     got = try_predict_scan(task.path, models, job.cfg, job.out, direction=direction, options=job.options,
                            provenance=job.provenance, pixel_nm=job.options["pixel_nm"],
                            scan_nm=job.options["scan_nm"], max_pixels=job.max_pixels, name=task.name,
                            fingerprint=job.fingerprint, channel=job.options.get("channel"),
                            field_from_name=bool(job.options.get("field_from_name")))
     if isinstance(got, Failure):
+        if task.direction is not None:      # --direction all: say which one failed
+            got = dataclasses.replace(got, scan=f"{got.scan} ({task.direction})")
         return got
     return {"index": task.index, "scan": got["scan"], "json": got["json"], "n_defects": got["n_defects"],
             "calibrated": bool(got["pixel_nm"])}

@@ -27,7 +27,7 @@ from stm_defects.results import Analysis
 
 __all__ = ["ImprovedConfig", "defect_patches", "fit_improved", "improved_analyse", "working_scale"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: class patches in nm (`patch_step`); a version-1 state was fitted on patches in pixels
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
     classes = state.get("classes") if state else None
     regions = []
     if res.regions:
-        patches, ang = defect_patches(res, cfg, patch_step(pixel_nm, k, cfg))
+        step = patch_step(pixel_nm, k, cfg) if (state or {}).get("version", 1) >= 2 else 1.0
+        patches, ang = defect_patches(res, cfg, step)
         got = classify_patches(classes, patches) if classes is not None else None
         for i, (r, a) in enumerate(zip(res.regions, ang)):
             region = {"id": r["id"], "x": r["x"], "y": r["y"], "bbox": r["bbox"],

@@ -258,23 +258,21 @@ def read_scan(path: str | os.PathLike, direction: str | None = None, *,
     return _calibrate(_finalise(raw, spath), pixel_nm, scan_nm, field_from_name)
 
 
-def directions_in(path: str | os.PathLike, channel: str | None = None) -> list[str]:
+def directions_in(path: str | os.PathLike, channel: str | None = None, **calibration: Any) -> list[str]:
     """The scan directions a file holds, named as :func:`read_scan` takes them ("forward/up" ...
     for Matrix; "forward", "backward" for Nanonis, RHK and Gwyddion; "forward" for one-image
-    formats); [] when the file cannot be read (reading it then says why)."""
-    try:
-        first = read_scan(path, channel=channel)
-    except ScanError:
-        return []
-    if first.meta.get("available_directions"):          # Matrix lists its traces
-        return [str(d) for d in first.meta["available_directions"]]
-    found = [first.direction]
-    for d in ("forward", "backward"):
-        if d not in found:
-            try:
-                found.append(read_scan(path, direction=d, channel=channel).direction)
-            except ScanError:
-                continue
+    formats); [] when no direction can be read (reading the file then says why). Each direction
+    is tried on its own, with the caller's ``calibration`` (``pixel_nm``, ``scan_nm``,
+    ``field_from_name``), so a file recorded backward only still counts."""
+    ext = Path(path).suffix.lower()
+    tries = (("forward/up", "backward/up", "forward/down", "backward/down") if ext == ".z_mtrx"
+             else ("forward", "backward"))
+    found = []
+    for d in tries:
+        try:
+            found.append(read_scan(path, direction=d, channel=channel, **calibration).direction)
+        except ScanError:
+            continue
     return list(dict.fromkeys(found))
 
 
@@ -283,7 +281,7 @@ def directions_in(path: str | os.PathLike, channel: str | None = None) -> list[s
 _NAME_UNITS = {"nm": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3}
 _NAME_FIELD = re.compile(
     r"(?<![0-9A-Za-z.(])(?:(\d+(?:\.\d+)?)\s*(nm|um|µm|μm)?\s*[x×]\s*(\d+(?:\.\d+)?)\s*(nm|um|µm|μm)?"
-    r"|(\d+(?:\.\d+)?)\s*(nm|um|µm|μm))(?![0-9A-Za-z)])", re.IGNORECASE)
+    r"|(\d+(?:\.\d+)?)\s*(nm|um|µm|μm))(?![0-9A-Za-z)]|\.\d)", re.IGNORECASE)
 
 
 def name_field(name: str) -> tuple[float, float] | None:
@@ -376,6 +374,8 @@ def _calibrate(scan: Scan, pixel_nm: float | None, scan_nm: float | None,
     shape = scan.original_shape or scan.height.shape
     if named is not None and (round(named[0]), round(named[1])) in ((shape[1], shape[0]), (shape[0], shape[1])):
         named = None            # "scan_512x512.png" of a 512x512 image: pixels, not nm
+    if named is not None and abs((named[0] / shape[1]) / (named[1] / shape[0]) - 1.0) > 0.05:
+        named = None            # not the image's aspect ratio: not its field
     if pixel_nm is not None:
         size, source = float(pixel_nm), "pixel_nm"
     elif scan_nm is not None:
