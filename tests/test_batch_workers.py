@@ -120,8 +120,8 @@ def test_workers_write_the_same_bytes_as_one_process(models, scans, tmp_path):
             "failures.csv"} <= set(files_a)
     with_defects = sum(bool(json.loads(files_a[f"day{d}/scan00{i}.json"])["defects"]) for d in (1, 2) for i in (0, 1))
     # per scan: JSON and three pictures, plus a crop strip when it has defects; the run's
-    # summary.csv, failures.csv and report.html
-    assert len(files_a) == 4 * 4 + with_defects + 3
+    # summary.csv, defects.csv, failures.csv, config_used.yaml and report.html
+    assert len(files_a) == 4 * 4 + with_defects + 5
     different = [name for name in files_a if files_a[name] != files_b[name]]
     assert not different, different
     doc = json.loads(files_a["day2/scan001.json"])

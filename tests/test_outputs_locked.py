@@ -153,9 +153,9 @@ def test_every_file_predict_writes_is_renamed_into_place(models, scans, tmp_path
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
     assert written == sorted(renamed), (written, renamed)
-    assert {"summary.csv", "failures.csv", "report.html"} <= set(written)
+    assert {"summary.csv", "defects.csv", "failures.csv", "config_used.yaml", "report.html"} <= set(written)
     strips = sum(name.endswith("_defects.png") for name in written)     # scans with defects
-    assert len(written) == 3 + 4 * 3 + strips
+    assert len(written) == 5 + 4 * 3 + strips
 
 
 def _leftovers(folder: Path) -> list[str]:

@@ -439,7 +439,8 @@ def predict(
                     "thread), or Ray actors with --engine ray. Each needs the memory of one scan "
                     "(see --max-pixels).")] = 1,
     force: Annotated[bool, typer.Option(
-        "--force", help="Predict again the scans whose outputs in OUT are up to date.")] = False,
+        "--force/--skip-existing", help="--force predicts again the scans whose outputs in OUT are up to "
+                                        "date; --skip-existing (the default) skips them.")] = False,
     engine: Annotated[str, typer.Option(
         help="local (this machine: in this process, or a process pool with --workers) or ray "
              "(Ray Data; needs the package's `ray` extra installed).")] = "local",
@@ -462,7 +463,8 @@ def predict(
     Each scan is isolated: one that fails (read, analyse or write) is skipped, and the batch
     goes on. OUT always gets summary.csv, rebuilt from every JSON under OUT made by these models
     and settings (others are left out, with a warning; see `analysis.batch.write_summary` for the
-    columns), and failures.csv (scan, stage, reason; the header only when none failed); the exit
+    columns) with defects.csv (one row per defect: position in px and nm, class, probability,
+    size, height), and failures.csv (scan, stage, reason; the header only when none failed); the exit
     code is 1 when any scan failed. Every file is written whole (a temporary file, then a
     rename), a scan's JSON last. A second `stm predict` into the same OUT while one runs is
     refused. The outputs are the same byte for byte whatever --workers or --engine.
@@ -606,7 +608,7 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     table_errors, report = [], None
     try:            # each table is tried, whatever became of the other
         report = batch.write_summary(out, out / "summary.csv", key, bundle, cfg, produced, {str(f) for f in files},
-                               options)
+                                     options, defects_path=out / "defects.csv")
     except OSError as err:
         table_errors.append(err)
     try:

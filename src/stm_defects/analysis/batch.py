@@ -29,6 +29,7 @@ Every function here writes only inside the output folder, through `io.files`' at
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -427,8 +428,9 @@ def summary_fields(labels: list[tuple[int | None, str]], model_keys: Iterable[st
 NM2_PER_CM2 = 1e14
 
 
-def _number(x: float) -> str:
-    return f"{x:.6g}"
+def _number(x: float | None) -> str:
+    """6 significant digits; blank for None (a value the JSON does not have)."""
+    return "" if x is None else f"{x:.6g}"
 
 
 def _model_label(v) -> str:
@@ -470,6 +472,36 @@ def summary_row(doc: dict, json_rel: str, labels: list[tuple[int | None, str]], 
     return row
 
 
+DEFECT_FIELDS = ("scan", "output", "direction", "id", "x_px", "y_px", "x_nm", "y_nm", "class", "class_label",
+                 "class_name", "probability", "typicality", "nearest_class", "score", "area_px", "area_nm2",
+                 "height_nm", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+
+
+def defect_rows(doc: dict, json_rel: str, labels: list[tuple[int | None, str]]) -> Iterator[dict]:
+    """The rows of defects.csv of one prediction JSON: one per defect, positions in pixels of the
+    original image (``x`` column, ``y`` row) and, with a pixel size, in nm; ``class_label`` as in
+    summary.csv's columns; the bounding box as x0, y0, x1, y1 (pixels, end exclusive)."""
+    by_id = {c: label for c, label in labels}
+    px = doc.get("pixel_size_nm")
+    px = float(px) if isinstance(px, (int, float)) and px > 0 else None
+    for d in doc.get("defects") or []:
+        box = list(d.get("bbox") or [None] * 4) + [None] * 4
+        cls = d.get("class")
+        area = d.get("area_px")
+        yield {"scan": doc.get("image"), "output": json_rel[: -len(".json")], "direction": doc.get("direction") or "",
+               "id": d.get("id"), "x_px": _number(d.get("x")), "y_px": _number(d.get("y")),
+               "x_nm": _number(d["x"] * px) if px and d.get("x") is not None else "",
+               "y_nm": _number(d["y"] * px) if px and d.get("y") is not None else "",
+               "class": "" if cls is None else cls, "class_label": by_id.get(cls, "unknown"),
+               "class_name": d.get("name") or "", "probability": _number(d.get("probability")),
+               "typicality": _number(d.get("typicality")),
+               "nearest_class": "" if d.get("nearest_class") is None else d["nearest_class"],
+               "score": _number(d.get("score")), "area_px": "" if area is None else area,
+               "area_nm2": _number(area * px * px) if px and area is not None else "",
+               "height_nm": _number(d.get("height_nm")),
+               "bbox_x0": box[0], "bbox_y0": box[1], "bbox_x1": box[2], "bbox_y1": box[3]}
+
+
 def prediction_jsons(out: Path) -> Iterator[Path]:
     """Every ``*.json`` file under ``out``, hidden files and folders left out, in sorted order of
     their relative paths (deterministic)."""
@@ -494,10 +526,11 @@ class SummaryReport:
 
 def write_summary(out: Path, path: Path, key: RunKey, models: Models, cfg: PredictConfig,
                   produced: set[str] | None = None, claimed: set[str] | None = None,
-                  options: dict | None = None) -> SummaryReport:
+                  options: dict | None = None, defects_path: Path | None = None) -> SummaryReport:
     """Rewrite summary.csv (at ``path``) from the prediction JSONs under ``out``; one row per
     JSON made by this run's models and settings (`RunKey`), in the sorted order of their paths.
-    Written atomically, streamed: one JSON in memory at a time.
+    Written atomically, streamed: one JSON in memory at a time. With ``defects_path``, the same
+    JSONs also give defects.csv there: one row per defect (`defect_rows`, `DEFECT_FIELDS`).
 
     Left out: JSONs of other model versions, fingerprints or config values (``stale``), and
     JSONs of scans of this run (``image`` in ``claimed``, same read ``options``) that are not
@@ -527,9 +560,15 @@ def write_summary(out: Path, path: Path, key: RunKey, models: Models, cfg: Predi
     fields = summary_fields(labels, model_keys)
     report = SummaryReport()
     produced, claimed = produced or set(), claimed or set()
-    with atomic_file(path, "w", newline="") as fh:
+    with contextlib.ExitStack() as stack:
+        fh = stack.enter_context(atomic_file(path, "w", newline=""))
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
+        per_defect = None
+        if defects_path is not None:
+            per_defect = csv.DictWriter(stack.enter_context(atomic_file(defects_path, "w", newline="")),
+                                        fieldnames=list(DEFECT_FIELDS))
+            per_defect.writeheader()
         for f in prediction_jsons(out):
             doc = read_prediction(f)
             if doc is None:
@@ -542,6 +581,8 @@ def write_summary(out: Path, path: Path, key: RunKey, models: Models, cfg: Predi
                 report.superseded += 1
                 continue
             writer.writerow(summary_row(doc, rel, labels, model_keys))
+            if per_defect is not None:
+                per_defect.writerows(defect_rows(doc, rel, labels))
             report.rows += 1
             report.jsons.append(rel)
     return report
