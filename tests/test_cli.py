@@ -198,7 +198,8 @@ def _command_names() -> list[str]:
     return sorted(typer.main.get_command(app).commands)
 
 
-COMMANDS = {"info", "train", "classes", "predict", "promote", "models", "ui", "name-class", "results", "evaluate"}
+COMMANDS = {"info", "train", "classes", "predict", "promote", "models", "ui", "name-class", "results", "evaluate",
+            "create-config"}
 # Pipeline stages run through `python -m stm_defects.mlops.run STAGE`, not the CLI.
 STAGE_COMMANDS = {"synth", "validate", "prepare", "tune", "train-ae", "kmeans", "defects", "gmm",
                   "fit-improved"}
