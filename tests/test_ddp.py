@@ -169,6 +169,12 @@ def test_only_rank_0_writes_and_logs(ranks):
     assert [rep["main"] for rep in reports] == [True, False]
     assert (work / "stage_rank0" / "ae2" / "model.pt").is_file()
     assert (work / "stage_rank0" / "ae2" / "metrics.json").is_file()
+    # wall-clock figures go to MLflow only, so the stage's files are the same bytes on every run
+    for name in ("metrics.json", "history.json"):
+        doc = json.loads((work / "stage_rank0" / "ae2" / name).read_text())
+        assert not {"seconds", "patches_per_s"} & set(doc), name
+    ckpt = torch.load(work / "stage_rank0" / "ae2" / "model.pt", weights_only=True)
+    assert "seconds" not in ckpt["history"]
     assert {"history", "metrics", "register"} <= set(reports[0]["tracker_calls"])
     assert not (work / "stage_rank1").exists(), "rank 1 wrote files"
     assert reports[1]["tracker_calls"] == [], "rank 1 logged"

@@ -28,6 +28,11 @@ from stm_defects.mlops.lineage import lineage_tags
 log = logging.getLogger("stm_defects")
 
 
+#: History and metric keys that measure wall-clock time: logged to MLflow, never written into
+#: the stage's outputs (DVC outs must be deterministic; these differ on every run).
+TIMING = ("seconds", "patches_per_s")
+
+
 def _epoch_logger(name: str):
     def on_epoch(epoch, train_loss, val_loss, lr):
         log.info("%s epoch %3d  train %.5f  val %.5f  lr %.1e", name, epoch + 1, train_loss, val_loss, lr)
@@ -59,7 +64,8 @@ def fit(params, which: str, patches_path: Path, out_dir: Path, tracker, upstream
     model = build_autoencoder(cfg, seed=seed)
     hist = fit_autoencoder(model, patches, tcfg, seed=seed,
                            on_epoch=_epoch_logger(which.upper()) if main else None)
-    h = hist.to_dict()
+    # wall-clock figures go to MLflow only: the stage's files stay the same bytes run after run
+    h = {k: v for k, v in hist.to_dict().items() if k not in TIMING}
     metrics = {
         "n_patches": len(patches), "n_params": count_parameters(model),
         "epochs_run": hist.epochs_run, "best_epoch": hist.best_epoch,
@@ -76,7 +82,7 @@ def fit(params, which: str, patches_path: Path, out_dir: Path, tracker, upstream
     plots.history(h, out / "loss.png", f"{which.upper()} loss")
     idx = np.random.default_rng(params.seed).choice(len(patches), size=min(8, len(patches)), replace=False)
     plots.reconstructions(patches[idx], reconstruct(model, patches[idx]), out / "reconstructions.png")
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", {k: v for k, v in metrics.items() if k not in TIMING})
     tracker.history(h, prefix=f"{which}_")
     tracker.metrics(metrics, prefix=f"{which}_")
     tracker.artifacts(out / "loss.png", out / "reconstructions.png", out / "history.csv")
