@@ -230,9 +230,9 @@ def uncalibrated_hint(names: list[str], field_from_name: bool = False) -> str:
     from stm_defects.io.scans import name_field
 
     hint = "give --pixel-nm or --scan-nm"
-    if not field_from_name and any(name_field(n) for n in names):
-        hint += ", or --field-from-name (their names look like fields, e.g. " + next(
-            n for n in names if name_field(n)) + ")"
+    example = None if field_from_name else next((n for n in names if name_field(n)), None)
+    if example is not None:
+        hint += f", or --field-from-name (their names look like fields, e.g. {example})"
     return hint
 
 

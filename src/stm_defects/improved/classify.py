@@ -105,8 +105,8 @@ def canonical_patches(residual: np.ndarray, lattice: np.ndarray, centres_yx, cfg
         r = ndi.gaussian_filter(r, cfg.smooth * step)
     if unit is None:
         unit = float(np.std(lattice)) or 1.0
-    window = min(int(round(cfg.orient_window * step)), max(2, min(r.shape) // 2))   # bounded memory
-    ang = row_angles(lattice, c, max(2, window))
+    window = max(2, min(int(round(cfg.orient_window * step)), min(r.shape) // 2))   # bounded memory
+    ang = row_angles(lattice, c, window)
     h = (P - 1) / 2.0
     u, v = np.meshgrid(np.arange(P) - h, np.arange(P) - h)       # u along rows (cols), v across
     u, v = u * step, v * step

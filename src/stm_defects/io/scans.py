@@ -365,17 +365,24 @@ def _check_file_pixels(raw: _Raw, spath: str) -> None:
             raise ScanError(spath, f"{why}{source}; give the right pixel size with --pixel-nm or --scan-nm")
 
 
+def _field_of_name(path: str, shape: tuple[int, int]) -> tuple[float, float] | None:
+    """The field its name states for an image of ``shape`` (rows, cols), or None: also when the
+    numbers are the image's size in pixels ("scan_512x512.png") or another aspect ratio."""
+    named = name_field(path)
+    if named is None or (round(named[0]), round(named[1])) in ((shape[1], shape[0]), (shape[0], shape[1])):
+        return None
+    if abs((named[0] / shape[1]) / (named[1] / shape[0]) - 1.0) > 0.05:
+        return None
+    return named
+
+
 def _calibrate(scan: Scan, pixel_nm: float | None, scan_nm: float | None,
                field_from_name: bool = False) -> Scan:
     """``scan`` with the pixel size the caller gave, else the file's (checked in read_scan), else
     (``field_from_name``) the one its name states."""
     meta = dict(scan.meta)
-    named = name_field(scan.path) if field_from_name and scan.pixel_nm is None else None
     shape = scan.original_shape or scan.height.shape
-    if named is not None and (round(named[0]), round(named[1])) in ((shape[1], shape[0]), (shape[0], shape[1])):
-        named = None            # "scan_512x512.png" of a 512x512 image: pixels, not nm
-    if named is not None and abs((named[0] / shape[1]) / (named[1] / shape[0]) - 1.0) > 0.05:
-        named = None            # not the image's aspect ratio: not its field
+    named = _field_of_name(scan.path, shape) if field_from_name else None
     if pixel_nm is not None:
         size, source = float(pixel_nm), "pixel_nm"
     elif scan_nm is not None:
