@@ -214,7 +214,7 @@ def test_regions_same_as_whole_image_loop():
     cfg = AnomalyConfig()
     res = detect(img, cfg)
     assert len(res.regions) >= 3
-    score, clean = res.score, res.residual
+    score = res.score
     pk = np.array([r["peak"] for r in res.regions])
     vals = score[pk[:, 0], pk[:, 1]]
     # the plain form: one whole-image comparison per defect, distances and indices from scipy
@@ -232,7 +232,8 @@ def test_regions_same_as_whole_image_loop():
         assert r["bbox"] == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
         assert r["area_px"] == len(ys) and r["score"] == float(vals[i])
     assert np.array_equal(res.mask, mask)
-    none, regions = anomaly._regions(score, clean, np.zeros((0, 2), np.int64), np.zeros(0), cfg)
+    none, regions = anomaly._regions(score, np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0),
+                                     np.zeros(0, np.int64), cfg)
     assert not none.any() and regions == []
 
 

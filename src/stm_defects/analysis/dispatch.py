@@ -22,6 +22,11 @@ from stm_defects.schema import ConfigError, build
 
 METHODS = ("improved", "paper")
 
+# Settings added after models were first registered, with the value that gives the results an
+# older model's stored config was evaluated with: a config without the key gets that value,
+# not today's default, so a registered version predicts as it did.
+ADDED_LATER = {("improved", "anomaly", "halo_distance"): 0.0}
+
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -39,12 +44,30 @@ class PredictConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "prediction config") -> PredictConfig:
+        """From a stored config (a model's, a run's); keys it predates take `ADDED_LATER`."""
+        if isinstance(data, dict):
+            data = _with_added_later(data)
         return build(cls, data, where)
 
     @property
     def min_scan_px(self) -> int:
         """The smallest scan side (after preprocessing) the method can analyse."""
         return self.paper.patch if self.method == "paper" else self.improved.classify.patch
+
+
+def _with_added_later(data: dict) -> dict:
+    import copy
+
+    data = copy.deepcopy(data)
+    for path, old in ADDED_LATER.items():
+        node = data
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.setdefault(path[-1], old)
+    return data
 
 
 def analyse(img01: np.ndarray, models: Models, cfg: PredictConfig,

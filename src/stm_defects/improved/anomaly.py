@@ -12,7 +12,8 @@
 5. defects are local maxima of the score above ``threshold`` that also pass ``threshold``
    against the noise of their own scan row and column (``line_noise``: real scans carry lines
    hit by tip changes and feedback ringing); each gets the region of score > ``low_threshold``
-   around it and a score-weighted centre.
+   around it and a score-weighted centre; a peak surrounded by a ring of the opposite sign
+   (a charged defect's core and its screening halo) is one defect with the ring's peaks.
 
 Everything is deterministic; no randomness, no I/O.
 """
@@ -60,6 +61,10 @@ class AnomalyConfig:
     low_threshold: float = 3.5           # region of a defect
     min_distance: int = 5                # px between score maxima
     merge_distance: float = 16.0         # peaks closer than this are one defect
+    halo_distance: float = 30.0          # px: a peak's opposite-sign neighbours closer than this are
+                                         # part of its defect when they ring it (a charged defect's
+                                         # core in its screening halo); 0: off
+    halo_coverage: float = 0.75          # ... ring it: fill this part of all directions (`halo_groups`)
     centre_radius: int = 6               # px, window of the score-weighted centre
     row_median: bool = False             # remove what is left of scan-line offsets from the residual
     border: int = 8                      # px ignored at the image border
@@ -286,12 +291,23 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
         pk = pk[valid[pk[:, 0], pk[:, 1]]]
     if len(pk) and ratio is not None:   # ... and above the threshold of its own scan lines
         pk = pk[score[pk[:, 0], pk[:, 1]] >= cfg.threshold * ratio[pk[:, 0], pk[:, 1]]]
-    del ratio, valid
+    del ratio
     vals = score[pk[:, 0], pk[:, 1]] if len(pk) else np.zeros(0)
     if len(pk):
         keep = _merge(pk.astype(float), vals, cfg.merge_distance)
         pk, vals = pk[keep], vals[keep]
-    mask, regions = _regions(score, clean, pk, vals, cfg)
+    smooth = ndi.gaussian_filter(clean, 2.0)
+    sign = np.sign(smooth[pk[:, 0], pk[:, 1]]) if len(pk) else np.zeros(0)
+    if cfg.halo_distance > 0 and len(pk) > 1:
+        v = smooth[valid][::3]
+        smooth -= np.median(v)
+        smooth /= max(_robust_std(v), floor, 1e-12)
+        del v
+    rep = halo_groups(pk, vals, sign, cfg.halo_distance, smooth, cfg.low_threshold,
+                      cfg.halo_coverage)
+    del smooth
+    del valid
+    mask, regions = _regions(score, pk, vals, sign, rep, cfg)
     return AnomalyResult(score, clean, lev, lat, terr, mask, regions)
 
 
@@ -303,10 +319,58 @@ def _terrace_residual(lev: np.ndarray, terr: Terraces, sigma: float, weight=None
     return r
 
 
-def _regions(score: np.ndarray, clean: np.ndarray, pk: np.ndarray, vals: np.ndarray,
-             cfg: AnomalyConfig) -> tuple[np.ndarray, list[dict]]:
-    """(mask, regions) of the kept peaks ``pk``: each gets the pixels of its score > low_threshold
-    component that are nearer to it than to any other peak, and a score-weighted centre."""
+def halo_groups(pk: np.ndarray, vals: np.ndarray, sign: np.ndarray, dist: float,
+                z: np.ndarray, low: float, coverage: float = 0.9, sectors: int = 12) -> np.ndarray:
+    """For each peak, the index of the peak that stands for its defect (itself, mostly).
+
+    A charged defect images as a core in a ring of the opposite sign (a bright core in a dark
+    screening halo, or the reverse), and the ring gives score peaks of its own around the core,
+    sometimes stronger than it. A peak is such a core when a ring of the opposite sign
+    surrounds it: in at least ``coverage`` of ``sectors`` directions, the mean of ``z`` (the
+    smoothed residual over its noise) along some 1-px arc within ``dist`` of it is beyond
+    ``low`` with the opposite sign. Averaging along arcs keeps noise from faking a ring. The
+    opposite-sign peaks within ``dist`` of a core are then part of its defect. Two separate
+    defects of opposite sign side by side do not ring each other, so they stay two. Stronger
+    cores claim first; a core is never claimed."""
+    n = len(pk)
+    rep = np.arange(n)
+    if n < 2 or not dist > 0:
+        return rep
+    from scipy.spatial import cKDTree
+
+    near = cKDTree(pk.astype(np.float64)).query_ball_point(pk.astype(np.float64), float(dist))
+    h, w = z.shape
+    r = int(np.ceil(dist))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    rho = np.hypot(yy, xx)
+    inside = (rho >= 1.0) & (rho <= dist)
+    sector = ((np.arctan2(yy, xx) + np.pi) / (2 * np.pi) * sectors).astype(int) % sectors
+    cell = (sector * (r + 1) + np.rint(rho).astype(int))[inside]   # (sector, 1-px arc)
+    ncell = sectors * (r + 1)
+    cores = np.zeros(n, bool)
+    for i in np.argsort(-vals, kind="stable"):
+        others = [j for j in near[i] if sign[j] != sign[i] and rep[j] == j and not cores[j]]
+        if not others or rep[i] != i:
+            continue
+        y, x = pk[i]
+        win = np.zeros((2 * r + 1, 2 * r + 1), np.float64)   # zero (no ring) beyond the scan
+        sy0, sy1, sx0, sx1 = max(y - r, 0), min(y + r + 1, h), max(x - r, 0), min(x + r + 1, w)
+        win[sy0 - (y - r):sy1 - (y - r), sx0 - (x - r):sx1 - (x - r)] = z[sy0:sy1, sx0:sx1]
+        sums = np.bincount(cell, win[inside] * -sign[i], minlength=ncell)
+        counts = np.bincount(cell, minlength=ncell)
+        arc = (sums / np.maximum(counts, 1)).reshape(sectors, r + 1)
+        if np.count_nonzero(arc.max(axis=1) > low) >= coverage * sectors:
+            cores[i] = True
+            rep[others] = i
+    return rep
+
+
+def _regions(score: np.ndarray, pk: np.ndarray, vals: np.ndarray, sign: np.ndarray,
+             rep: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, list[dict]]:
+    """(mask, regions) of the defects of peaks ``pk`` (``rep``: the peak that stands for each
+    peak's defect, see `halo_groups`): a defect gets the pixels of its peaks' score >
+    low_threshold components that are nearer to one of its peaks than to any other peak, and
+    a score-weighted centre around its standing peak."""
     mask = np.zeros(score.shape, bool)
     regions = []
     h, w_ = score.shape
@@ -314,11 +378,15 @@ def _regions(score: np.ndarray, clean: np.ndarray, pk: np.ndarray, vals: np.ndar
     if len(pk):
         lab = label(score > cfg.low_threshold, connectivity=2)
         boxes = ndi.find_objects(lab)
-        sign = np.sign(ndi.gaussian_filter(clean, 2.0)[pk[:, 0], pk[:, 1]])
-        # pixels of each component go to their nearest peak (Voronoi split of touching defects)
+        # pixels of each component go to their nearest peak (Voronoi split of touching defects),
+        # and a peak's pixels to the defect it is part of
         owner = nearest_owner(score.shape, pk, lab > 0)   # only pixels of components are ever owned
+        if (rep != np.arange(len(pk))).any():
+            owner = np.concatenate([[0], rep + 1]).astype(np.int32)[owner]
         own_comp = lab[pk[:, 0], pk[:, 1]]
         for i, (y, x) in enumerate(pk):
+            if rep[i] != i:
+                continue
             y0, y1 = max(0, y - rc), min(h, y + rc + 1)
             x0, x1 = max(0, x - rc), min(w_, x + rc + 1)
             win = score[y0:y1, x0:x1]
@@ -329,18 +397,19 @@ def _regions(score: np.ndarray, clean: np.ndarray, pk: np.ndarray, vals: np.ndar
                 yy, xx = np.mgrid[y0:y1, x0:x1]
                 cy = float((wts * yy).sum() / wts.sum())
                 cx = float((wts * xx).sum() / wts.sum())
-            c = int(own_comp[i])
-            # the component's bounding box holds all of it (the whole scan for no component)
-            box = boxes[c - 1] if c > 0 else (slice(0, h), slice(0, w_))
-            reg = (lab[box] == c) & (owner[box] == i + 1)
-            ys, xs = np.nonzero(reg)
-            ys += box[0].start
-            xs += box[1].start
+            ys, xs = [], []
+            for c in np.unique(own_comp[rep == i]):
+                # the component's bounding box holds all of it (the whole scan for no component)
+                box = boxes[c - 1] if c > 0 else (slice(0, h), slice(0, w_))
+                yc, xc = np.nonzero((lab[box] == c) & (owner[box] == i + 1))
+                ys.append(yc + box[0].start)
+                xs.append(xc + box[1].start)
+            ys, xs = np.concatenate(ys), np.concatenate(xs)
             mask[ys, xs] = True
             regions.append({
                 "x": cx, "y": cy,
                 "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                "area_px": len(ys), "score": float(vals[i]),
+                "area_px": len(ys), "score": float(vals[rep == i].max()),
                 "peak": [int(y), int(x)], "sign": float(sign[i]),
             })
     regions.sort(key=lambda d: (d["y"], d["x"]))
