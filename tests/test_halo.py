@@ -57,6 +57,19 @@ def test_two_defects_of_opposite_sign_side_by_side_stay_two():
     assert sorted(np.sign([r["sign"] for r in res.regions])) == [-1.0, 1.0]
 
 
+def test_a_weak_dip_among_strong_defects_does_not_swallow_them():
+    """Four strong bright defects around a weak dark dip ring it, but a ring is induced by its
+    core and is not many times stronger than it (`halo_ring_max`): all five stay. (Without
+    that bound the dip takes the four.)"""
+    around = [(96 + 22 * np.sin(a), 96 + 22 * np.cos(a), 0.4, 4.0, 0.0) for a in np.arange(4) * np.pi / 2 + 0.3]
+    img = _scan([(96, 96, -0.06, 3.0, 0.0), *around])
+    res = detect(img, AnomalyConfig())
+    assert sum(r["sign"] > 0 for r in res.regions) == 4
+    assert any(r["sign"] < 0 and np.hypot(r["y"] - 96, r["x"] - 96) < 3 for r in res.regions)
+    unbounded = detect(img, dataclasses.replace(AnomalyConfig(), halo_ring_max=100.0))
+    assert sum(r["sign"] > 0 for r in unbounded.regions) == 0
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 def test_halo_merge_keeps_the_rotation(k):
     img = _scan(_halo(90, 100) + [(40, 40, -1.0, 3.0, 0.0)])

@@ -65,6 +65,7 @@ class AnomalyConfig:
                                          # part of its defect when they ring it (a charged defect's
                                          # core in its screening halo); 0: off
     halo_coverage: float = 0.75          # ... ring it: fill this part of all directions (`halo_groups`)
+    halo_ring_max: float = 3.0           # ... and score at most this many times the core's score
     centre_radius: int = 6               # px, window of the score-weighted centre
     row_median: bool = False             # remove what is left of scan-line offsets from the residual
     border: int = 8                      # px ignored at the image border
@@ -304,7 +305,7 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
         smooth /= max(_robust_std(v), floor, 1e-12)
         del v
     rep = halo_groups(pk, vals, sign, cfg.halo_distance, smooth, cfg.low_threshold,
-                      cfg.halo_coverage)
+                      cfg.halo_coverage, cfg.halo_ring_max)
     del smooth
     del valid
     mask, regions = _regions(score, pk, vals, sign, rep, cfg)
@@ -320,7 +321,8 @@ def _terrace_residual(lev: np.ndarray, terr: Terraces, sigma: float, weight=None
 
 
 def halo_groups(pk: np.ndarray, vals: np.ndarray, sign: np.ndarray, dist: float,
-                z: np.ndarray, low: float, coverage: float = 0.9, sectors: int = 12) -> np.ndarray:
+                z: np.ndarray, low: float, coverage: float = 0.75, ring_max: float = 3.0,
+                sectors: int = 12) -> np.ndarray:
     """For each peak, the index of the peak that stands for its defect (itself, mostly).
 
     A charged defect images as a core in a ring of the opposite sign (a bright core in a dark
@@ -329,7 +331,9 @@ def halo_groups(pk: np.ndarray, vals: np.ndarray, sign: np.ndarray, dist: float,
     surrounds it: in at least ``coverage`` of ``sectors`` directions, the mean of ``z`` (the
     smoothed residual over its noise) along some 1-px arc within ``dist`` of it is beyond
     ``low`` with the opposite sign. Averaging along arcs keeps noise from faking a ring. The
-    opposite-sign peaks within ``dist`` of a core are then part of its defect. Two separate
+    opposite-sign peaks within ``dist`` of a core, of score at most ``ring_max`` times the
+    core's, are then part of its defect: a ring is induced by its core, so it is not much
+    stronger than it, while a weak dip among strong defects is ringed by them too. Two separate
     defects of opposite sign side by side do not ring each other, so they stay two. Stronger
     cores claim first; a core is never claimed."""
     n = len(pk)
@@ -349,7 +353,8 @@ def halo_groups(pk: np.ndarray, vals: np.ndarray, sign: np.ndarray, dist: float,
     ncell = sectors * (r + 1)
     cores = np.zeros(n, bool)
     for i in np.argsort(-vals, kind="stable"):
-        others = [j for j in near[i] if sign[j] != sign[i] and rep[j] == j and not cores[j]]
+        others = [j for j in near[i] if sign[j] != sign[i] and rep[j] == j and not cores[j]
+                  and vals[j] <= ring_max * vals[i]]
         if not others or rep[i] != i:
             continue
         y, x = pk[i]
