@@ -300,6 +300,11 @@ def test_tune_stage_writes_tuned_values_plots_and_nested_trial_runs(tmp_path, db
     assert all("shown_mse" in r["metrics"] for r in runs)              # each trial's held-out MSE
     text = (out / "latent_sizes.md").read_text()
     assert all(f"| {latent} |" in text for latent in (4, 8)) and "AE2: no picture" in text
+    # wall-clock figures reach MLflow but not the stage's outputs, which are the same on every run
+    assert tracker.logged["metrics"]["tune_ae1_seconds"] > 0
+    assert "ae1_seconds" not in json.loads((out / "metrics.json").read_text())
+    header = (out / "trials_ae1.csv").read_text().splitlines()[0].split(",")
+    assert "value" in header and not set(tuning.TIMING) & set(header)
 
 
 def test_tune_stage_needs_enough_patches(tmp_path, db):

@@ -122,6 +122,10 @@ def _log_callback(log_trial: LogTrial | None, extra_tags: Mapping | None = None)
     return callback
 
 
+#: Columns of a trial row that are wall-clock figures (MLflow has them; DVC outputs do not).
+TIMING = ("seconds", "patches_per_s")
+
+
 def _trial_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -442,9 +446,11 @@ def tune_stage(params, patches_path: str | Path, out_dir: str | Path, tracker=No
                "ae1_min_loss_latent": r["min_loss_latent"], "ae1_min_val_loss": r["min_value"],
                "ae1_trials_complete": states.count("COMPLETE"),
                "ae1_trials_pruned": states.count("PRUNED"), "ae1_n_patches": r["n_patches"],
-               "ae1_study": r["study_name"], "ae1_importance": imp,
-               "ae1_seconds": round(time.perf_counter() - t0, 2)}
-    write_csv(out / "trials_ae1.csv", r["trials"])
+               "ae1_study": r["study_name"], "ae1_importance": imp}
+    # wall-clock figures go to MLflow only: the stage's outputs are the same on every run
+    seconds = round(time.perf_counter() - t0, 2)
+    write_csv(out / "trials_ae1.csv", [{k: v for k, v in row.items() if k not in TIMING}
+                                       for row in r["trials"]])
     files = [out / "trials_ae1.csv",
              *save_study_plots(r["study"], out, "ae1", params.seed, intermediate=True, importance=imp)]
     rows = latent_rows(r["study"], r["shown"])
@@ -459,7 +465,7 @@ def tune_stage(params, patches_path: str | Path, out_dir: str | Path, tracker=No
     write_json(out / "metrics.json", metrics)
     if tracker is not None:
         flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, str))}
-        flat |= {f"ae1_importance_{p}": v for p, v in imp.items()}
+        flat |= {f"ae1_importance_{p}": v for p, v in imp.items()} | {"ae1_seconds": seconds}
         tracker.metrics(flat, prefix="tune_")
         tracker.tags({"tuned.ae1.latent": r["best_latent"], "ae1_study": r["study_name"]})
         tracker.artifacts(out / BEST_FILE, out / "metrics.json", *files, folder="tune")
