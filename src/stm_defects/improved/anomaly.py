@@ -300,14 +300,12 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
     smooth = ndi.gaussian_filter(clean, 2.0)
     sign = np.sign(smooth[pk[:, 0], pk[:, 1]]) if len(pk) else np.zeros(0)
     if cfg.halo_distance > 0 and len(pk) > 1:
-        v = smooth[valid][::3]
-        smooth -= np.median(v)
-        smooth /= max(_robust_std(v), floor, 1e-12)
-        del v
+        loc, sd = robust_location_scale(smooth[valid][::3])
+        smooth -= loc
+        smooth /= max(sd, floor, 1e-12)
     rep = halo_groups(pk, vals, sign, cfg.halo_distance, smooth, cfg.low_threshold,
                       cfg.halo_coverage, cfg.halo_ring_max)
-    del smooth
-    del valid
+    del smooth, valid
     mask, regions = _regions(score, pk, vals, sign, rep, cfg)
     return AnomalyResult(score, clean, lev, lat, terr, mask, regions)
 

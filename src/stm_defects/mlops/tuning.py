@@ -122,7 +122,9 @@ def _log_callback(log_trial: LogTrial | None, extra_tags: Mapping | None = None)
     return callback
 
 
-#: Columns of a trial row that are wall-clock figures (MLflow has them; DVC outputs do not).
+#: History keys, metrics and trial columns that measure wall-clock time (the training history's
+#: and each trial's): logged to MLflow, never written into a stage's outputs (DVC outs must be
+#: deterministic; these differ on every run). The AE stages use the same list.
 TIMING = ("seconds", "patches_per_s")
 
 

@@ -24,13 +24,9 @@ from stm_defects.errors import StageError
 from stm_defects.io import safe_models
 from stm_defects.io.files import fresh_dir, write_csv, write_json
 from stm_defects.mlops.lineage import lineage_tags
+from stm_defects.mlops.tuning import TIMING
 
 log = logging.getLogger("stm_defects")
-
-
-#: History and metric keys that measure wall-clock time: logged to MLflow, never written into
-#: the stage's outputs (DVC outs must be deterministic; these differ on every run).
-TIMING = ("seconds", "patches_per_s")
 
 
 def _epoch_logger(name: str):
