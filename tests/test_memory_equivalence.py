@@ -185,10 +185,12 @@ def test_score_maps_same_as_plain(line_smooth):
     valid[100:120, 50:200] = False
     got = score_maps(r, valid, (1.5, 2.5, 4.0), 0.1, line_smooth, 100)
     want = _score_maps_plain(r, valid, (1.5, 2.5, 4.0), 0.1, line_smooth, 100)
-    assert np.array_equal(got[0], want[0])
+    # the smoothing is an FFT's (`image.filters`): scipy's numbers to float32 rounding
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
     assert (got[1] is None) == (want[1] is None)
     if want[1] is not None:
-        assert np.array_equal(got[1], want[1])
+        # a pixel whose two best scales tie within rounding may take the other's line ratio
+        assert np.isclose(got[1], want[1], rtol=1e-4, atol=1e-4).mean() >= 0.999
 
 
 def test_lattice_notch_same_as_plain():
@@ -205,8 +207,9 @@ def test_lattice_notch_same_as_plain():
     keep[0, 0] = 1.0
     clean = np.fft.irfft2(F * keep, s=rp.shape)[pad:pad + r.shape[0], pad:pad + r.shape[1]].astype(np.float32)
     got = anomaly.lattice_notch(r, cfg)
-    assert np.array_equal(got[0], clean)
-    assert np.array_equal(got[1], (r - clean).astype(np.float32))
+    # single-precision transforms: the same notches, the same numbers to float32 rounding
+    np.testing.assert_allclose(got[0], clean, atol=1e-5)
+    np.testing.assert_allclose(got[1], (r - clean).astype(np.float32), atol=1e-5)
 
 
 def test_regions_same_as_whole_image_loop():

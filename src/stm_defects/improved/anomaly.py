@@ -23,10 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft as sfft
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.measure import label
 
+from stm_defects.image.filters import GaussianBank
 from stm_defects.image.preprocess import remove_scars
 from stm_defects.image.robust import robust_location_scale
 from stm_defects.improved.steps import (
@@ -84,6 +86,9 @@ class AnomalyResult:
     regions: list[dict]        # id, x, y, bbox, area_px, score, peak, sign
 
 
+_SIGN_SIGMA = 2.0   # px: a defect's sign (and the halo rings) from the residual smoothed this much
+
+
 def _robust_std(x: np.ndarray) -> float:
     return robust_location_scale(x)[1]
 
@@ -92,9 +97,9 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     """(r without its spectral peaks, the removed periodic part)."""
     pad = int(cfg.notch_pad)
     h, w = r.shape
-    rp = np.pad(r, pad, mode="reflect") if pad else r
+    rp = np.pad(np.asarray(r, np.float32), pad, mode="reflect") if pad else np.asarray(r, np.float32)
     shape = rp.shape
-    F = np.fft.rfft2(rp)
+    F = sfft.rfft2(rp)            # single precision (complex64): the float32 residual's own precision
     del rp
     # in place where it gives the same numbers: temporaries are spectrum-sized
     P = np.abs(F)
@@ -109,10 +114,14 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     del bg
     peaks = np.fft.ifftshift(Ps > cfg.notch_k, axes=0)
     del Ps
-    fy = np.fft.fftfreq(shape[0])[:, None]
-    fx = np.fft.rfftfreq(shape[1])[None, :]
-    for i in range(0, shape[0], 256):   # row blocks: no spectrum-sized float64 radius
-        peaks[i:i + 256] &= np.hypot(fy[i:i + 256], fx) >= cfg.min_freq
+    # never below min_freq: only bins with both |fy| and fx under it can be, a small block
+    fy = np.fft.fftfreq(shape[0])
+    fx = np.fft.rfftfreq(shape[1])
+    rows = np.flatnonzero(np.abs(fy) < cfg.min_freq)
+    cols = np.flatnonzero(fx < cfg.min_freq)
+    if rows.size and cols.size:
+        low = np.hypot(fy[rows][:, None], fx[cols][None, :]) < cfg.min_freq
+        peaks[np.ix_(rows, cols)] &= ~low
     if cfg.notch_radius:
         peaks = dilate_sparse(peaks, int(cfg.notch_radius))
     keep = ndi.gaussian_filter(peaks.astype(np.float32), 0.7)
@@ -122,7 +131,7 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     keep[0, 0] = 1.0
     F *= keep
     del keep
-    full = np.fft.irfft2(F, s=shape)
+    full = sfft.irfft2(F, s=shape)
     del F
     clean = full[pad:pad + h, pad:pad + w].astype(np.float32)
     del full
@@ -175,7 +184,8 @@ def nan_median(a: np.ndarray, axis: int) -> np.ndarray:
 
 
 def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0.0,
-               line_smooth: int = 0, line_min_px: int = 200) -> tuple[np.ndarray, np.ndarray | None]:
+               line_smooth: int = 0, line_min_px: int = 200, bank: GaussianBank | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
     """(score, line ratio). score = max over scales of |G_sigma * residual| / noise, the noise
     being the robust std of G_sigma * residual over ``valid`` pixels, at least ``floor``.
 
@@ -185,12 +195,17 @@ def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0
     ringing then need a larger excursion, while the score map (peak positions and regions)
     is unchanged. Rows and columns are treated alike, so a scan rotated by 90 degrees scores
     the same.
+
+    The smoothing is `GaussianBank`'s (``bank``: one already made of ``residual``, reaching the
+    widest scale), the numbers of ``ndi.gaussian_filter`` from one shared FFT.
     """
+    if bank is None:
+        bank = GaussianBank(residual, max(scales))
     out = np.zeros(residual.shape, np.float32)
     ratio = np.ones(residual.shape, np.float32) if line_smooth else None
     invalid = ~valid
     for s in scales:
-        g = ndi.gaussian_filter(residual, s)
+        g = bank.at(s)
         v = g[valid][::3].copy()
         g -= np.median(v)                 # g is now the deviation from the median
         sd = _robust_std(v)
@@ -236,11 +251,23 @@ def _row_offsets(c: np.ndarray, use: np.ndarray) -> np.ndarray:
 
 
 def _merge(peaks: np.ndarray, vals: np.ndarray, dist: float) -> np.ndarray:
+    """Indices of the peaks kept, strongest first: a peak is dropped when a stronger kept peak
+    lies closer than ``dist``. The close pairs come from a k-d tree, so the cost goes with the
+    peaks and their near neighbours, not with the square of the peaks."""
+    from scipy.spatial import cKDTree
+
     order = np.argsort(-vals)
+    if len(peaks) < 2 or not dist > 0:
+        return np.asarray(order, np.int64)
+    pts = np.asarray(peaks, np.float64)
+    near = cKDTree(pts).query_ball_point(pts, np.nextafter(float(dist), 0.0))   # strictly closer
+    dropped = np.zeros(len(pts), bool)
     kept: list[int] = []
     for i in order:
-        if all(np.hypot(*(peaks[i] - peaks[j])) >= dist for j in kept):
-            kept.append(int(i))
+        if dropped[i]:
+            continue
+        kept.append(int(i))
+        dropped[near[i]] = True
     return np.asarray(kept, np.int64)
 
 
@@ -283,8 +310,8 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
     del w
     clean[terr.band] = 0.0
     floor = cfg.lattice_floor * float(np.std(lat[valid][::3])) if cfg.lattice_floor else 0.0
-    score, ratio = score_maps(clean, valid, cfg.scales, floor, cfg.line_noise,
-                                      cfg.line_min_px)
+    bank = GaussianBank(clean, max(*cfg.scales, _SIGN_SIGMA))
+    score, ratio = score_maps(clean, valid, cfg.scales, floor, cfg.line_noise, cfg.line_min_px, bank)
 
     pk = peak_local_max(score, min_distance=cfg.min_distance, threshold_abs=cfg.threshold,
                         exclude_border=False)
@@ -297,7 +324,8 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
     if len(pk):
         keep = _merge(pk.astype(float), vals, cfg.merge_distance)
         pk, vals = pk[keep], vals[keep]
-    smooth = ndi.gaussian_filter(clean, 2.0)
+    smooth = bank.at(_SIGN_SIGMA)
+    del bank
     sign = np.sign(smooth[pk[:, 0], pk[:, 1]]) if len(pk) else np.zeros(0)
     if cfg.halo_distance > 0 and len(pk) > 1:
         loc, sd = robust_location_scale(smooth[valid][::3])
@@ -382,11 +410,20 @@ def _regions(score: np.ndarray, pk: np.ndarray, vals: np.ndarray, sign: np.ndarr
         lab = label(score > cfg.low_threshold, connectivity=2)
         boxes = ndi.find_objects(lab)
         # pixels of each component go to their nearest peak (Voronoi split of touching defects),
-        # and a peak's pixels to the defect it is part of
-        owner = nearest_owner(score.shape, pk, lab > 0)   # only pixels of components are ever owned
+        # and a peak's pixels to the defect it is part of. Owners are needed only for pixels of
+        # components that hold a peak (regions) and for component pixels in the centre windows
+        own_comp = lab[pk[:, 0], pk[:, 1]]
+        has_peak = np.zeros(len(boxes) + 1, bool)
+        has_peak[own_comp] = True
+        has_peak[0] = False
+        need = has_peak[lab]
+        for y, x in pk[rep == np.arange(len(pk))]:
+            y0, y1, x0, x1 = max(0, y - rc), min(h, y + rc + 1), max(0, x - rc), min(w_, x + rc + 1)
+            need[y0:y1, x0:x1] |= lab[y0:y1, x0:x1] > 0
+        owner = nearest_owner(score.shape, pk, need)
+        del need
         if (rep != np.arange(len(pk))).any():
             owner = np.concatenate([[0], rep + 1]).astype(np.int32)[owner]
-        own_comp = lab[pk[:, 0], pk[:, 1]]
         for i, (y, x) in enumerate(pk):
             if rep[i] != i:
                 continue

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import canny
-from skimage.measure import label, regionprops
+from skimage.measure import label
 
+from stm_defects.image.filters import gaussian
 from stm_defects.image.robust import robust_location_scale
 
 __all__ = [
@@ -122,16 +123,13 @@ def _sobel_magnitude_every_other(s: np.ndarray) -> np.ndarray:
 def step_edges(img: np.ndarray, cfg: StepConfig = StepConfig()) -> np.ndarray:
     """Thin boolean step lines: long Canny edge components of the smoothed image."""
     a = np.asarray(img, dtype=np.float32)
-    s = ndi.gaussian_filter(a, cfg.sigma)
+    s = gaussian(a, cfg.sigma)
     med, mad = _robust(_sobel_magnitude_every_other(s))
     edges = canny(s, sigma=0, low_threshold=med + cfg.low_k * mad, high_threshold=med + cfg.high_k * mad)
     lab = label(edges, connectivity=2)
     keep = np.zeros(lab.max() + 1, bool)
-    for r in regionprops(lab):
-        y0, x0, y1, x1 = r.bbox
-        if max(y1 - y0, x1 - x0) >= cfg.min_extent_px:
-            keep[r.label] = True
-    keep[0] = False
+    for i, (ys, xs) in enumerate(ndi.find_objects(lab), start=1):   # each component's bbox
+        keep[i] = max(ys.stop - ys.start, xs.stop - xs.start) >= cfg.min_extent_px
     return keep[lab]
 
 
@@ -300,7 +298,7 @@ def refine_terraces(img: np.ndarray, terr: Terraces, cfg: StepConfig = StepConfi
     for k, lvl, den in _iter_levels(a, terr, sigma):        # one terrace's maps at a time
         lv[k], sp[k] = lvl[zone], den[zone]
         del lvl, den
-    s = ndi.gaussian_filter(a, cfg.refine_sigma)[zone]
+    s = gaussian(a, cfg.refine_sigma)[zone]
     ok = sp > 0.02                                           # terraces near enough to compare
     del sp
     d = np.where(ok, np.abs(lv - s[None]), np.inf)
@@ -333,19 +331,19 @@ def level_terraces(img: np.ndarray, terr: Terraces, order: int = 1, iterations: 
     # coordinates in [-1, 1], as a column and a row (the same float32 numbers as full grids)
     yv = np.arange(h).astype(np.float32)[:, None] / max(h - 1, 1) * 2 - 1
     xv = np.arange(w).astype(np.float32)[None, :] / max(w - 1, 1) * 2 - 1
-    xx, yy = np.broadcast_to(xv, (h, w)), np.broadcast_to(yv, (h, w))
+    # the fits see every subsample-th pixel: work on that grid (the same pixels, in the same order)
+    ss = (slice(None, None, subsample), slice(None, None, subsample))
+    xx, yy = np.broadcast_to(xv, (h, w))[ss], np.broadcast_to(yv, (h, w))[ss]
+    a_s, lab_s, free_s = a[ss], terr.labels[ss], ~terr.band[ss]
     coefs = np.zeros((max(terr.n, 1), 3), np.float64)
-    sub = np.zeros((h, w), bool)
-    sub[::subsample, ::subsample] = True
     for k in range(terr.n):
-        sel = terr.labels == k
-        sel &= sub
-        fit = sel & ~terr.band
+        sel = lab_s == k
+        fit = sel & free_s
         if fit.sum() < 16:
             fit = sel
         if fit.sum() < 4:
             continue
-        z = a[fit].astype(np.float64)
+        z = a_s[fit].astype(np.float64)
         cols = [np.ones_like(z), xx[fit], yy[fit]] if order >= 1 else [np.ones_like(z)]
         A = np.stack(cols, 1)
         ok = np.ones(z.size, bool)
@@ -362,8 +360,11 @@ def level_terraces(img: np.ndarray, terr: Terraces, order: int = 1, iterations: 
     out = np.empty((h, w), np.float32)
     for i0 in range(0, h, _BLOCK_ROWS):   # the float64 plane of each pixel's terrace, in row blocks
         i1 = min(h, i0 + _BLOCK_ROWS)
-        c = coefs[terr.labels[i0:i1]]
-        out[i0:i1] = a[i0:i1] - (c[..., 0] + c[..., 1] * xv + c[..., 2] * yv[i0:i1])
+        lab = terr.labels[i0:i1]
+        plane = np.take(coefs[:, 0], lab)                 # c0 + c1 x + c2 y, in that order
+        plane += np.take(coefs[:, 1], lab) * xv
+        plane += np.take(coefs[:, 2], lab) * yv[i0:i1]
+        np.subtract(a[i0:i1], plane, out=out[i0:i1])
     return out
 
 

@@ -1,0 +1,58 @@
+"""The FFT Gaussian of `image.filters` gives scipy.ndimage's numbers; the k-d-tree peak merge keeps
+the peaks the plain quadratic loop keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from stm_defects.image.filters import GaussianBank, gaussian
+from stm_defects.improved.anomaly import _merge
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (37, 80), (301, 211), (9, 14)])
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+def test_gaussian_as_scipy(shape, mode):
+    rng = np.random.default_rng(sum(shape))
+    a = rng.normal(size=shape).astype(np.float32)
+    a += np.linspace(0, 5, shape[1], dtype=np.float32)[None, :]     # a slope: borders matter
+    a[shape[0] // 2, shape[1] // 3] += 50.0                            # and one sharp spike
+    bank = GaussianBank(a, 10.0, mode)
+    for s in (0.7, 1.5, 2.0, 2.5, 4.0, 10.0):                         # radii past the small sides too
+        want = ndi.gaussian_filter(a, s, mode=mode)
+        got = bank.at(s)
+        assert got.dtype == np.float32 and got.shape == a.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(np.abs(a).max()))
+    np.testing.assert_allclose(gaussian(a, 2.5, mode), ndi.gaussian_filter(a, 2.5, mode=mode),
+                               rtol=0, atol=2e-5 * float(np.abs(a).max()))
+
+
+def test_bank_refuses_what_it_cannot_give():
+    a = np.zeros((20, 20), np.float32)
+    with pytest.raises(ValueError, match="outside"):
+        GaussianBank(a, 2.0).at(3.0)
+    with pytest.raises(ValueError, match="mode"):
+        GaussianBank(a, 2.0, "wrap")
+    with pytest.raises(ValueError, match="2-D"):
+        GaussianBank(np.zeros(5), 1.0)
+
+
+def _merge_plain(peaks, vals, dist):
+    order = np.argsort(-vals)
+    kept = []
+    for i in order:
+        if all(np.hypot(*(peaks[i] - peaks[j])) >= dist for j in kept):
+            kept.append(int(i))
+    return np.asarray(kept, np.int64)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merge_same_as_quadratic_loop(seed):
+    rng = np.random.default_rng(seed)
+    pk = rng.integers(0, 120, (300, 2)).astype(float)
+    pk[:10] = pk[10:20] + [[16, 0]] * 10          # pairs exactly at the merge distance stay two
+    pk[20:25] = pk[25:30]                          # and coinciding peaks are one
+    vals = rng.random(300)
+    for dist in (0.0, 5.0, 16.0):
+        assert np.array_equal(_merge(pk, vals, dist), _merge_plain(pk, vals, dist))
