@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 from skimage.transform import rescale
 
 from stm_defects.image.robust import MAD_TO_SIGMA, robust_location_scale, robust_sigma
@@ -144,7 +143,9 @@ def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.
 
     Cost and memory: the fits reduce the image block by block to a few sums (`_plane_fit`), so
     no (pixels x terms) design matrix is held; one float64 residual image is the largest
-    temporary.
+    temporary. The clipping's centre and robust sigma are medians over a regular grid of about
+    `STATS_SAMPLES` pixels (every pixel of a small image), so their cost does not grow with
+    the scan; the fits use every pixel.
     """
     a = _check_image(img)
     if order not in (0, 1, 2):
@@ -155,16 +156,19 @@ def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.
     floor = 1e-9 * max(float(np.ptp(a)), np.finfo(np.float64).tiny)
     mask = None
     coef = _plane_fit(a, order, mask)
+    grid = stats_grid(a.shape)
     for _ in range(max(0, iterations)):
         resid = _plane_residual(a, order, coef)
-        rm = resid if mask is None else resid[mask]
-        centre = float(np.median(rm))
-        del rm
-        np.subtract(resid, centre, out=resid)
-        np.abs(resid, out=resid)
+        rs = resid[grid].copy() if mask is None else resid[grid][mask[grid]]   # a copy: changed below
+        centre = float(np.median(rs)) if rs.size else 0.0
         # robust sigma (1.4826 x MAD) about the centre just found: `robust_sigma` without
         # taking the median twice
-        sigma = max(MAD_TO_SIGMA * float(np.median(resid if mask is None else resid[mask])), floor)
+        np.subtract(rs, centre, out=rs)
+        np.abs(rs, out=rs)
+        sigma = max(MAD_TO_SIGMA * float(np.median(rs)) if rs.size else 0.0, floor)
+        del rs
+        np.subtract(resid, centre, out=resid)
+        np.abs(resid, out=resid)
         new_mask = resid <= clip_sigma * sigma
         del resid
         if new_mask.sum() < 4 * _n_terms(order) or (mask is not None and np.array_equal(new_mask, mask)) \
@@ -173,6 +177,16 @@ def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.
         mask = new_mask
         coef = _plane_fit(a, order, mask)
     return _plane_residual(a, order, coef).astype(np.float32)
+
+
+STATS_SAMPLES = 1 << 16    # pixels a scan-wide robust statistic is taken over
+
+
+def stats_grid(shape: tuple[int, int], samples: int = STATS_SAMPLES) -> tuple[slice, slice]:
+    """Every k-th row and column, k the smallest step leaving at least about ``samples`` pixels
+    (1 for an image of fewer pixels): the sample a scan-wide median is taken over."""
+    k = max(1, int(math.sqrt(shape[0] * shape[1] / samples)))
+    return slice(None, None, k), slice(None, None, k)
 
 
 def _n_terms(order: int) -> int:
@@ -204,14 +218,37 @@ def remove_scars(img, k: float = 5.0, min_length: int = 8) -> np.ndarray:
     s = robust_location_scale(d[::2, ::2])[1]
     np.abs(d, out=d)
     cand = d > k * s
-    cand = ndimage.binary_opening(cand, structure=np.ones((1, int(min_length)), bool))
+    cand = horizontal_runs(cand, int(min_length))
     if not cand.any():
         return a.copy()
     # one row up/down too, so the faint shoulder rows of a thick scar go as well
-    cand = ndimage.binary_dilation(cand, structure=np.ones((3, 1), bool)) & (d > 0.5 * k * s)
+    grown = cand.copy()
+    grown[1:] |= cand[:-1]
+    grown[:-1] |= cand[1:]
+    cand = grown & (d > 0.5 * k * s)
     del d
     out = a.copy()
     out[cand] = med[cand]
+    return out
+
+
+def horizontal_runs(mask: np.ndarray, length: int) -> np.ndarray:
+    """The pixels of ``mask`` in horizontal runs of at least ``length``: the binary opening by a
+    1 x ``length`` line (``ndimage.binary_opening(mask, np.ones((1, length)))``), as ANDs and
+    ORs of shifted rows, an order of magnitude faster than scipy's morphology."""
+    m = np.asarray(mask, bool)
+    w = m.shape[1]
+    if length <= 1:
+        return m.copy()
+    out = np.zeros_like(m)
+    if length > w:
+        return out
+    n = w - length + 1
+    start = m[:, :n].copy()                  # start[:, j]: the run j .. j + length - 1 is all set
+    for k in range(1, length):
+        start &= m[:, k:k + n]
+    for k in range(length):
+        out[:, k:k + n] |= start
     return out
 
 

@@ -84,13 +84,10 @@ class AnomalyResult:
     terraces: Terraces
     mask: np.ndarray           # (H, W) bool defect regions
     regions: list[dict]        # id, x, y, bbox, area_px, score, peak, sign
+    region_map: np.ndarray     # (H, W) int32: 1 + id of the region of each mask pixel, 0 elsewhere
 
 
 _SIGN_SIGMA = 2.0   # px: a defect's sign (and the halo rings) from the residual smoothed this much
-
-
-def _robust_std(x: np.ndarray) -> float:
-    return robust_location_scale(x)[1]
 
 
 def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -201,24 +198,28 @@ def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0
     """
     if bank is None:
         bank = GaussianBank(residual, max(scales))
-    out = np.zeros(residual.shape, np.float32)
-    ratio = np.ones(residual.shape, np.float32) if line_smooth else None
     invalid = ~valid
-    for s in scales:
+
+    def one_scale(s: float):
+        """(|z| of scale s, and with line_smooth its rows' and columns' noise and the scan's)."""
         g = bank.at(s)
-        v = g[valid][::3].copy()
-        g -= np.median(v)                 # g is now the deviation from the median
-        sd = _robust_std(v)
-        del v
+        med, sd = robust_location_scale(g[valid][::3])
+        g -= med                          # g is now the deviation from the median
         np.abs(g, out=g)                  # |deviation|
         z = g / max(sd, floor)
+        if not line_smooth:
+            return z, None
+        g[invalid] = np.nan
+        lines = (_line_noise(g, valid, 1, line_smooth, line_min_px), _line_noise(g, valid, 0, line_smooth, line_min_px),
+                 max(sd, floor, 1e-12))
+        return z, lines
+
+    out = np.zeros(residual.shape, np.float32)
+    ratio = np.ones(residual.shape, np.float32) if line_smooth else None
+    for z, lines in map(one_scale, scales):
         if ratio is not None:
-            noise = max(sd, floor, 1e-12)
-            g[invalid] = np.nan
-            lines = np.maximum(_line_noise(g, valid, 1, line_smooth, line_min_px)[:, None],
-                               _line_noise(g, valid, 0, line_smooth, line_min_px)[None, :])
-        del g
-        if ratio is not None:
+            rows, cols, noise = lines
+            lines = np.maximum(rows[:, None], cols[None, :])
             lines /= noise
             np.maximum(lines, 1.0, out=lines)
             better = z > out
@@ -334,8 +335,8 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
     rep = halo_groups(pk, vals, sign, cfg.halo_distance, smooth, cfg.low_threshold,
                       cfg.halo_coverage, cfg.halo_ring_max)
     del smooth, valid
-    mask, regions = _regions(score, pk, vals, sign, rep, cfg)
-    return AnomalyResult(score, clean, lev, lat, terr, mask, regions)
+    region_map, regions = _regions(score, pk, vals, sign, rep, cfg)
+    return AnomalyResult(score, clean, lev, lat, terr, region_map > 0, regions, region_map)
 
 
 def _terrace_residual(lev: np.ndarray, terr: Terraces, sigma: float, weight=None) -> np.ndarray:
@@ -398,12 +399,12 @@ def halo_groups(pk: np.ndarray, vals: np.ndarray, sign: np.ndarray, dist: float,
 
 def _regions(score: np.ndarray, pk: np.ndarray, vals: np.ndarray, sign: np.ndarray,
              rep: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, list[dict]]:
-    """(mask, regions) of the defects of peaks ``pk`` (``rep``: the peak that stands for each
-    peak's defect, see `halo_groups`): a defect gets the pixels of its peaks' score >
+    """(region map, regions) of the defects of peaks ``pk`` (``rep``: the peak that stands for
+    each peak's defect, see `halo_groups`): a defect gets the pixels of its peaks' score >
     low_threshold components that are nearer to one of its peaks than to any other peak, and
-    a score-weighted centre around its standing peak."""
-    mask = np.zeros(score.shape, bool)
-    regions = []
+    a score-weighted centre around its standing peak. The map (int32) holds 1 + the id of the
+    region of each of its pixels, 0 elsewhere."""
+    regions, pixels = [], []
     h, w_ = score.shape
     rc = cfg.centre_radius
     if len(pk):
@@ -445,16 +446,18 @@ def _regions(score: np.ndarray, pk: np.ndarray, vals: np.ndarray, sign: np.ndarr
                 ys.append(yc + box[0].start)
                 xs.append(xc + box[1].start)
             ys, xs = np.concatenate(ys), np.concatenate(xs)
-            mask[ys, xs] = True
+            pixels.append((ys, xs))
             regions.append({
                 "x": cx, "y": cy,
                 "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                 "area_px": len(ys), "score": float(vals[rep == i].max()),
                 "peak": [int(y), int(x)], "sign": float(sign[i]),
             })
-    regions.sort(key=lambda d: (d["y"], d["x"]))
-    regions = [{"id": i, **d} for i, d in enumerate(regions)]
-    return mask, regions
+    order = sorted(range(len(regions)), key=lambda j: (regions[j]["y"], regions[j]["x"]))
+    region_map = np.zeros(score.shape, np.int32)
+    for i, j in enumerate(order):
+        region_map[pixels[j]] = i + 1
+    return region_map, [{"id": i, **regions[j]} for i, j in enumerate(order)]
 
 
 def nearest_owner(shape: tuple[int, int], pk: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stm_defects.image.preprocess import rescale_by
-from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect, nearest_owner
+from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect
 from stm_defects.improved.classify import ClassifyConfig, canonical_patches, classify_patches, fit_classes
 from stm_defects.results import Analysis
 
@@ -136,10 +136,8 @@ def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig 
                     region["nearest_class"] = int(got["nearest"][i])
             regions.append(region)
     if regions and classes is not None:
-        owner = _region_owner(res)
         cls = np.array([-1] + [r["class"] for r in regions], np.int64)
-        class_map = cls[owner]
-        del owner
+        class_map = cls[res.region_map]      # each region's pixels take its class
     else:
         class_map = np.full(res.mask.shape, -1, np.int64)
     band, labels = res.terraces.band, res.terraces.labels
@@ -166,8 +164,3 @@ def _region_back(r: dict, k: float, shape: tuple[int, int]) -> dict:
                       min(w, int(np.ceil(x1 / k))), min(h, int(np.ceil(y1 / k)))],
                 area_px=int(round(r["area_px"] / k ** 2)))
 
-
-def _region_owner(res: AnomalyResult) -> np.ndarray:
-    """(H, W) int: 1 + index of the region owning each mask pixel (its nearest peak), 0 elsewhere."""
-    pk = np.array([r["peak"] for r in res.regions], np.int64).reshape(-1, 2)
-    return nearest_owner(res.mask.shape, pk, res.mask)

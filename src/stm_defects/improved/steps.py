@@ -29,6 +29,7 @@ __all__ = [
     "StepConfig",
     "Terraces",
     "detect_steps",
+    "fill_from_nearest",
     "level_terraces",
     "masked_smooth",
     "refine_terraces",
@@ -158,10 +159,35 @@ def terrace_labels(edges: np.ndarray, cfg: StepConfig = StepConfig()) -> Terrace
     band = band | (unknown & (lab > 0))   # slivers between step lines are step, not terrace
     del lab
     if unknown.any():
-        iy, ix = _nearest_zero(unknown)
-        del unknown
-        t = t[iy, ix]
+        t = fill_from_nearest(t, unknown)
     return Terraces(edges, band, t, int(big.size), dist, nearest)
+
+
+def fill_from_nearest(values: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """``values`` with each ``unknown`` pixel given the value of its nearest known pixel
+    (Euclidean; a pixel equally near two takes either).
+
+    The nearest known pixel of an unknown one always has an unknown 4-neighbour (else its
+    neighbour towards the unknown pixel would be known and nearer), so a k-d tree over those
+    border pixels answers for the unknown ones: the cost goes with the step band, where a
+    whole-image distance transform goes with the scan."""
+    from scipy.spatial import cKDTree
+
+    unknown = np.asarray(unknown, bool)
+    border = np.zeros_like(unknown)
+    border[1:] |= unknown[:-1]
+    border[:-1] |= unknown[1:]
+    border[:, 1:] |= unknown[:, :-1]
+    border[:, :-1] |= unknown[:, 1:]
+    border &= ~unknown
+    by, bx = np.nonzero(border)
+    out = values.copy()
+    if not by.size:               # nothing known: nothing to take from
+        return out
+    uy, ux = np.nonzero(unknown)
+    _, idx = cKDTree(np.column_stack([by, bx])).query(np.column_stack([uy, ux]))
+    out[uy, ux] = values[by[idx], bx[idx]]
+    return out
 
 
 def masked_smooth(a: np.ndarray, m: np.ndarray, sigma: float, factor: int = 4
@@ -277,10 +303,10 @@ def terrace_background(img: np.ndarray, terr: Terraces, sigma: float, weight=Non
         np.copyto(out, lvl, where=sel)
         np.copyto(sup, den, where=sel)
         del lvl, den, sel
-    glob = float(np.median(a[~terr.band])) if (~terr.band).any() else 0.0
-    ok = sup > 1e-3
+    lost = ~(sup > 1e-3)          # pixels no terrace reaches take the scan's median level
     del sup
-    out[~ok] = glob
+    if lost.any():
+        out[lost] = float(np.median(a[~terr.band])) if (~terr.band).any() else 0.0
     return out
 
 

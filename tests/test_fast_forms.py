@@ -1,5 +1,6 @@
-"""The FFT Gaussian of `image.filters` gives scipy.ndimage's numbers; the k-d-tree peak merge keeps
-the peaks the plain quadratic loop keeps."""
+"""The fast forms of the detector's steps give what the plain forms give: the FFT Gaussian of
+`image.filters` scipy.ndimage's numbers, the k-d-tree peak merge the peaks of the quadratic loop,
+and the border-pixel fill of the step band the value of a nearest pixel as a distance transform."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from scipy import ndimage as ndi
 
 from stm_defects.image.filters import GaussianBank, gaussian
 from stm_defects.improved.anomaly import _merge
+from stm_defects.improved.steps import fill_from_nearest
 
 
 @pytest.mark.parametrize("shape", [(512, 512), (37, 80), (301, 211), (9, 14)])
@@ -56,3 +58,25 @@ def test_merge_same_as_quadratic_loop(seed):
     vals = rng.random(300)
     for dist in (0.0, 5.0, 16.0):
         assert np.array_equal(_merge(pk, vals, dist), _merge_plain(pk, vals, dist))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_takes_a_nearest_known_pixel(seed):
+    rng = np.random.default_rng(seed)
+    h, w = 90, 130
+    values = rng.integers(0, 5, (h, w)).astype(np.int32)
+    unknown = ndi.binary_dilation(rng.random((h, w)) < 0.01, iterations=rng.integers(1, 6))
+    unknown[40:47, :] = True                                    # a band across the scan
+    got = fill_from_nearest(values, unknown)
+    dist, (iy, ix) = ndi.distance_transform_edt(unknown, return_indices=True)
+    assert np.array_equal(got[~unknown], values[~unknown])
+    uy, ux = np.nonzero(unknown)
+    # the value came from a known pixel exactly as near as scipy's nearest (ties: either)
+    ok = np.zeros(len(uy), bool)
+    for k, (y, x) in enumerate(zip(uy, ux)):
+        r = int(np.ceil(dist[y, x]))
+        ys, xs = np.mgrid[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
+        at = (~unknown[ys, xs]) & np.isclose(np.hypot(ys - y, xs - x), dist[y, x])
+        ok[k] = got[y, x] in set(values[ys[at], xs[at]].tolist())
+    assert ok.all()
+    assert np.array_equal(fill_from_nearest(values, np.zeros((h, w), bool)), values)
