@@ -4,10 +4,12 @@
     python benchmarks/bench_scaling.py --models models --sizes 512 1024 2048 4096
     python benchmarks/bench_scaling.py --models models --methods improved    # default profile only
 
-Each (profile, size) runs in a fresh Python process, so its peak resident memory (``ru_maxrss``,
-imports and models included) belongs to that case alone. The process synthesises Si(001) scans
-at 0.1 nm/px (`data.synth`; the default method's working pixel size, so nothing is resampled
-away), then times what `stm predict` does between reading a file and writing its pictures:
+Each (profile, size) runs in a fresh Python process, so its peak resident memory (``VmHWM``,
+imports and models included) belongs to that case alone. The scans are Si(001) at 0.1 nm/px
+(`data.synth`; the default method's working pixel size, so nothing is resampled away),
+synthesised beforehand by this script and saved as .npy files: the generator's own peak (about
+2 GB at 4096^2) is not the prediction's. The process loads each file, then times what `stm
+predict` does between reading a file and writing its pictures:
 `analysis.dispatch.preprocess_scan` + `analysis.dispatch.analyse`. The time is the median over
 ``--repeats`` scans of that size (fewer for the big ones), after one warm-up scan. The paper
 method (the models of the folder, with the default profile's prediction settings but the report's
@@ -23,42 +25,73 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 CHILD = r"""
 import dataclasses, json, resource, statistics, sys, time
 import torch
 from stm_defects.analysis.dispatch import analyse, image_pixel_nm, preprocess_scan
 from stm_defects.config import load_params, predict_config
-from stm_defects.data.synth import synth_scan
+import numpy as np
 from stm_defects.io.model_files import load_models
 from stm_defects.io.scans import Scan
 
-models_dir, params_path, method, size, repeats = sys.argv[1:6]
-size, repeats = int(size), int(repeats)
+def peak_bytes():
+    # VmHWM: this process's own peak (ru_maxrss also counts the parent's peak at fork time)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+models_dir, params_path, method = sys.argv[1:4]
+files = sys.argv[4:]
 params = load_params(params_path)
 cfg = dataclasses.replace(predict_config(params), method=method)
 models = load_models(models_dir)
-synth = dataclasses.replace(params.synth, size=size, pixel_nm=0.1)
 times = []
-for i in range(repeats + 1):
-    s = synth_scan(synth, 9000 + i)
-    scan = Scan(height=s.height, pixel_nm=s.pixel_nm, unit="nm", channel="Z", direction="forward",
-                path="bench", format="synthetic")
+for i, f in enumerate(files):
+    scan = Scan(height=np.load(f), pixel_nm=0.1, unit="nm", channel="Z", direction="forward",
+                path=f, format="synthetic")
     t0 = time.perf_counter()
     img, scale = preprocess_scan(scan, cfg.preprocess)
     analyse(img, models, cfg, image_pixel_nm(scan, scale))
     if i:
         times.append(time.perf_counter() - t0)
-    del s, scan, img
+    del scan, img
 print(json.dumps({"seconds": statistics.median(times), "n": len(times),
-                  "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "peak_bytes": peak_bytes(),
                   "device": "cuda" if torch.cuda.is_available() else "cpu",
                   "threads": torch.get_num_threads()}))
 """
 
 
-def run_case(models: str, params: str, profile: str, size: int, repeats: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, models, params, profile, str(size), str(repeats)],
+def make_scans(params: str, size: int, n: int, folder: Path) -> list[str]:
+    """Synthesise ``n`` Si(001) scans of ``size`` px at 0.1 nm/px into ``folder`` (.npy, nm)."""
+    import dataclasses
+
+    import numpy as np
+
+    from stm_defects.config import load_params
+    from stm_defects.data.synth import synth_scan
+
+    synth = dataclasses.replace(load_params(params).synth, size=size, pixel_nm=0.1)
+    out = []
+    for i in range(n):
+        f = folder / f"si001_{size}_{i}.npy"
+        if not f.exists():
+            np.save(f, synth_scan(synth, 9000 + i).height)
+        out.append(str(f))
+    return out
+
+
+def run_case(models: str, params: str, profile: str, files: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, models, params, profile, *files],
                           capture_output=True, text=True, env=dict(os.environ, MPLBACKEND="Agg"))
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -76,12 +109,16 @@ def main() -> None:
     args = ap.parse_args()
 
     rows = []
+    scans = tempfile.TemporaryDirectory(prefix="bench_scaling_")
+    files = {}
+    for size in args.sizes:
+        # about the same total work per size: fewer repeats for bigger scans, at least 1 (+ warm-up)
+        reps = max(1, round(args.repeats * (min(args.sizes) / size) ** 2))
+        files[size] = make_scans(args.params, size, reps + 1, Path(scans.name))
     for profile in args.methods:
         base = None
         for size in args.sizes:
-            # about the same total work per size: fewer repeats for bigger scans, at least 1
-            reps = max(1, round(args.repeats * (min(args.sizes) / size) ** 2))
-            r = run_case(args.models, args.params, profile, size, reps)
+            r = run_case(args.models, args.params, profile, files[size])
             print(f"{profile} {size}: {r}", file=sys.stderr, flush=True)
             if "error" in r:
                 rows.append(f"| {profile} | {size}x{size} | failed: {r['error']} | | | | |")
