@@ -5,7 +5,8 @@ and the registry's model set loads warm from a local cache without importing MLf
 
 Tiny model folders (tests/tiny.py) with an improved-analysis state fitted on random 25x25
 patches, so that synthetic 96x96 scans (0.1 nm/px) give classified defects in milliseconds. The
-pool tests start real worker processes (``spawn``): 20-40 s on two loaded cores.
+pool tests start real worker processes (forked from `analysis.pool_server`'s fork server, or
+spawned): 20-40 s on two loaded cores.
 """
 
 from __future__ import annotations
@@ -160,6 +161,30 @@ def test_a_scan_that_kills_its_worker_fails_alone():
     assert isinstance(died, Failure) and died.stage == "analyse" and died.reason == WORKER_DIED
     assert died.line() == f"/scans/die.npy: analyse failed: {WORKER_DIED}"
     assert all(isinstance(r, dict) for r in got.values())
+
+
+def _what_the_worker_has(task: LightTask):
+    """A pool work function: whether the worker had the prediction modules before any work."""
+    return {"index": task.index, "ppid": os.getppid(), "preloaded": "stm_defects.analysis.predict" in sys.modules}
+
+
+def test_workers_fork_from_a_server_that_imported_their_modules():
+    from stm_defects.analysis.batch import run_pool
+    from stm_defects.analysis.pool_server import pool_start_method, start_pool_server
+
+    if pool_start_method() != "forkserver":
+        pytest.skip("this platform spawns pool workers")
+    tasks = [LightTask(i, f"/scans/{i}.npy", f"s{i}") for i in range(4)]
+    spawned: list[dict] = []
+    run_pool(tasks, None, None, 2, lambda task, r: spawned.append(r), work=_what_the_worker_has,
+             initializer=_init_nothing, start_method="spawn")
+    assert len(spawned) == 4 and not any(r["preloaded"] for r in spawned)   # a spawned worker imports anew
+    start_pool_server()
+    forked: list[dict] = []
+    run_pool(tasks, None, None, 2, lambda task, r: forked.append(r), work=_what_the_worker_has,
+             initializer=_init_nothing)
+    assert len(forked) == 4 and all(r["preloaded"] for r in forked)
+    assert all(r["ppid"] != os.getpid() for r in forked)    # forked by the server, not this process
 
 
 def test_a_worker_with_other_code_fails_its_scans_with_one_line(tmp_path):

@@ -469,6 +469,10 @@ def predict(
     rename), a scan's JSON last. A second `stm predict` into the same OUT while one runs is
     refused. The outputs are the same byte for byte whatever --workers or --engine.
     """
+    if engine == "local" and workers > 1:
+        from stm_defects.analysis.pool_server import start_pool_server
+
+        start_pool_server()     # the workers' imports run on another core meanwhile
     from stm_defects.errors import StageError
     from stm_defects.io.files import check_unlocked, output_folder, output_lock
 

@@ -17,8 +17,11 @@ The pieces, in the order `stm predict` uses them:
   ``models_sha256`` fingerprint and the same ``config.values``.
 * `already_done`: a scan whose JSON (and pictures) exist for the same `RunKey`, the same input
   path, read options and input bytes (size and sha256) is skipped unless ``--force``.
-* `run_pool`: the scans in a process pool (``spawn``), the models loaded once per worker by the
-  pool initializer, torch and BLAS at one thread per worker; results come back as scans finish,
+* `run_pool`: the scans in a process pool, the models loaded once per worker by the
+  pool initializer, torch and BLAS at one thread per worker. Workers fork from the fork server
+  of `analysis.pool_server` (``spawn`` where there is none), which `stm predict` starts first
+  thing, so a worker starts in milliseconds instead of spending seconds on imports; results come
+  back as scans finish,
   at most ``2 * workers`` in flight, so memory does not grow with the number of scans. A scan
   that kills its worker (e.g. out of memory) is retried alone, then failed; the others go on.
 * `write_summary`: summary.csv rebuilt from every prediction JSON under OUT that has this run's
@@ -323,7 +326,7 @@ WORKER_DIED = ("the worker process died while predicting it (killed by the syste
 
 def run_pool(tasks: Iterable[Task], spec: ModelSpec, job: Job, workers: int,
              on_result: Callable[[Task, dict | Failure], None], *, work: Callable = _work,
-             initializer: Callable = _init_worker, start_method: str = "spawn") -> None:
+             initializer: Callable = _init_worker, start_method: str | None = None) -> None:
     """Predict ``tasks`` in a pool of ``workers`` processes; call ``on_result(task, result)`` in
     this process as each scan finishes (in the order they finish).
 
@@ -337,6 +340,11 @@ def run_pool(tasks: Iterable[Task], spec: ModelSpec, job: Job, workers: int,
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
+    from stm_defects.analysis.pool_server import pool_start_method, start_pool_server
+
+    start_method = start_method or pool_start_method()
+    if start_method == "forkserver":
+        start_pool_server()     # a no-op when `stm predict` started it first thing
     ctx = multiprocessing.get_context(start_method)
 
     def new_pool() -> ProcessPoolExecutor:

@@ -43,7 +43,7 @@ from stm_defects.analysis.figures import (
     defect_heights,
     scan_figure,
 )
-from stm_defects.io.files import atomic_file, describe_os_error, write_csv, write_json
+from stm_defects.io.files import PNG_COMPRESS_LEVEL, atomic_file, describe_os_error, write_csv, write_json
 from stm_defects.io.safe_models import file_sha256
 from stm_defects.io.scans import Scan, ScanError, read_scan, require_min_size
 from stm_defects.results import Analysis, Models
@@ -277,7 +277,7 @@ def _save_picture(path: Path, picture) -> None:
     """A PIL image as PNG, atomically: what `save_png` writes for its pixels, without first
     copying the (upscaled) picture into a numpy array and back."""
     with atomic_file(path, "wb") as fh:
-        picture.save(fh, format="PNG")
+        picture.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 # ------------------------------------------------------------------------------------ batches

@@ -126,6 +126,11 @@ def jsonable(value: Any, max_array: int | None = None) -> Any:
     return str(value)
 
 
+#: zlib level of the PNGs written: 1 writes a scan's pictures 3-5x faster than Pillow's default
+#: 6 (about 0.1 s instead of 0.4 s for a 512^2 scan's four), for files about 8% larger.
+PNG_COMPRESS_LEVEL = 1
+
+
 def save_png(path: str | Path, rgb_or_grey: np.ndarray) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array, or a float array in [0, 1], as PNG, atomically."""
     from PIL import Image
@@ -135,7 +140,7 @@ def save_png(path: str | Path, rgb_or_grey: np.ndarray) -> None:
         arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
     picture = Image.fromarray(arr)
     with atomic_file(path, "wb") as fh:
-        picture.save(fh, format="PNG")
+        picture.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 # ----------------------------------------------------------------------------- output folders

@@ -1,0 +1,34 @@
+"""Where `stm predict --workers N`'s worker processes come from: a fork server started first thing,
+that imports what a worker needs while the command itself imports and loads the models.
+
+Importing the scientific stack takes several seconds (torch, scikit-learn, scikit-image,
+matplotlib). A spawned worker pays it again, after the command has paid it; a worker forked from
+this server inherits the imports and starts in milliseconds. The server is a fresh,
+single-threaded interpreter (no threads to lose in a fork). This module imports nothing but the
+standard library, so starting the server costs the command nothing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+__all__ = ["WORKER_MODULES", "pool_start_method", "start_pool_server"]
+
+#: What a pool worker imports; the fork server imports it once, before any worker starts.
+WORKER_MODULES = ("stm_defects.analysis.batch", "stm_defects.analysis.predict", "stm_defects.analysis.render")
+
+
+def pool_start_method() -> str:
+    """``forkserver`` where the platform has it (Linux, macOS), else ``spawn``."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def start_pool_server() -> None:
+    """Start the fork server now, importing `WORKER_MODULES`, and return at once: call it as early
+    as possible. A no-op where workers are spawned, or when the server already runs."""
+    if pool_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_MODULES))
+    forkserver.ensure_running()
