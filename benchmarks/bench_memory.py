@@ -22,7 +22,6 @@ Run it with ``--results-out`` before a change and ``--results-compare`` after it
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -43,13 +42,22 @@ def _stm_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "stm_defects.cli"]
 
 
-def _write_scan(folder: Path, size: int, pixel_nm: float, seed: int) -> Path:
-    from stm_defects.data.synth import SynthConfig, synth_scan
-    from stm_defects.io.scans import save_gwy
+_WRITE_SCAN = """
+import dataclasses, sys
+from stm_defects.data.synth import SynthConfig, synth_scan
+from stm_defects.io.scans import save_gwy
+path, size, pixel_nm, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+scan = synth_scan(dataclasses.replace(SynthConfig(), size=size, pixel_nm=pixel_nm), seed)
+save_gwy(path, scan.height, scan.pixel_nm)
+"""
 
-    scan = synth_scan(dataclasses.replace(SynthConfig(), size=size, pixel_nm=pixel_nm), seed)
+
+def _write_scan(folder: Path, size: int, pixel_nm: float, seed: int) -> Path:
+    """The synthetic scan as a .gwy file, written by a separate process: the generator peaks at
+    about 2 GB for 4096^2, and a child's ``ru_maxrss`` also counts its parent's peak (Linux
+    carries it across fork and exec), so this process stays small."""
     path = folder / f"synth_{size}.gwy"
-    save_gwy(path, scan.height, scan.pixel_nm)
+    subprocess.run([sys.executable, "-c", _WRITE_SCAN, str(path), str(size), str(pixel_nm), str(seed)], check=True)
     return path
 
 
