@@ -51,15 +51,13 @@ from stm_defects.results import Analysis, Models
 STAGES = ("read", "analyse", "write")
 
 #: Peak resident memory of `stm predict` (default profile, one scan) is about
-#: ``PREDICT_BASE_BYTES + PREDICT_BYTES_PER_PIXEL * pixels``: a straight line through the peak RSS
-#: of the whole process measured on synthetic 1024x1024 (499 MiB) and 4096x4096 (1813 MiB, 1.90 GB)
-#: scans at 0.1 nm/px (the analysis' working pixel size, so nothing is resampled away;
-#: `benchmarks/bench_memory.py`). The base is mostly the imports (torch) and the models. A
-#: 2048x2048 scan peaked at 752 MiB, where the line says 762 MiB: the estimate errs on the high
-#: side. The largest single step is the plane fit of `image.preprocess.level_plane` (its exact
-#: least squares on every pixel). See `predict_memory_bytes`.
-PREDICT_BASE_BYTES = 432_000_000
-PREDICT_BYTES_PER_PIXEL = 88
+#: ``PREDICT_BASE_BYTES + PREDICT_BYTES_PER_PIXEL * pixels``: a line at or above the peak RSS of
+#: the whole process measured on synthetic scans at 0.1 nm/px (the analysis' working pixel size,
+#: so nothing is resampled away; `benchmarks/bench_memory.py --big`): 1024x1024 501 MiB (the line:
+#: 509 MiB), 2048x2048 749 MiB (749 MiB), 4096x4096 1568 MiB (1709 MiB, 1.79 GB). The base is
+#: mostly the imports (torch) and the models. See `predict_memory_bytes`.
+PREDICT_BASE_BYTES = 450_000_000
+PREDICT_BYTES_PER_PIXEL = 80
 
 #: The default pixel limit of `stm predict --max-pixels`: 4096 x 4096.
 DEFAULT_MAX_PIXELS = 4096 * 4096
