@@ -21,13 +21,33 @@ def test_gaussian_as_scipy(shape, mode):
     a += np.linspace(0, 5, shape[1], dtype=np.float32)[None, :]     # a slope: borders matter
     a[shape[0] // 2, shape[1] // 3] += 50.0                            # and one sharp spike
     bank = GaussianBank(a, 10.0, mode)
+    # float32 rounding (a few 1e-6 here); a kernel one pixel too wide or narrow is off by ~1e-4
     for s in (0.7, 1.5, 2.0, 2.5, 4.0, 10.0):                         # radii past the small sides too
         want = ndi.gaussian_filter(a, s, mode=mode)
         got = bank.at(s)
         assert got.dtype == np.float32 and got.shape == a.shape
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(np.abs(a).max()))
-    np.testing.assert_allclose(gaussian(a, 2.5, mode), ndi.gaussian_filter(a, 2.5, mode=mode),
-                               rtol=0, atol=2e-5 * float(np.abs(a).max()))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(gaussian(a, 2.5, mode), ndi.gaussian_filter(a, 2.5, mode=mode), rtol=0, atol=1e-5)
+    assert np.array_equal(bank.at(0), a)                                # sigma 0: the image, as scipy
+
+
+def test_gaussian_rounding_goes_with_the_variations_not_the_offset():
+    rng = np.random.default_rng(3)
+    a = (1000.0 + 0.01 * rng.normal(size=(200, 240))).astype(np.float32)
+    want = ndi.gaussian_filter(a.astype(np.float64), 2.0)
+    np.testing.assert_allclose(gaussian(a, 2.0), want, rtol=0, atol=1e-4)   # float32 spacing at 1000: 6e-5
+
+
+def test_level_plane_is_not_fooled_by_a_lattice_on_a_grid():
+    """The clipping statistics sample random pixels: a lattice whose period divides a regular
+    grid's step would put every sample on its tops (the plane then sits on them)."""
+    from stm_defects.image.preprocess import level_plane
+
+    h = w = 1024
+    yy, xx = np.mgrid[0:h, 0:w]
+    z = np.cos(np.pi * xx / 2) * np.cos(np.pi * yy / 2) + 0.05 * np.random.default_rng(1).normal(size=(h, w))
+    out = level_plane(z + 0.001 * xx - 0.002 * yy)
+    assert abs(float(np.median(out))) < 0.05 and abs(float(out.mean())) < 0.05
 
 
 def test_bank_refuses_what_it_cannot_give():

@@ -234,7 +234,9 @@ def test_regions_same_as_whole_image_loop():
         r = res.regions[i]
         assert r["bbox"] == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
         assert r["area_px"] == len(ys) and r["score"] == float(vals[i])
+        assert np.array_equal(res.region_map == r["id"] + 1, reg)   # the map holds each region's own pixels
     assert np.array_equal(res.mask, mask)
+    assert np.array_equal(res.region_map > 0, mask)
     none, regions = anomaly._regions(score, np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0),
                                      np.zeros(0, np.int64), cfg)
     assert not none.any() and regions == []

@@ -469,10 +469,6 @@ def predict(
     rename), a scan's JSON last. A second `stm predict` into the same OUT while one runs is
     refused. The outputs are the same byte for byte whatever --workers or --engine.
     """
-    if engine == "local" and workers > 1:
-        from stm_defects.analysis.pool_server import start_pool_server
-
-        start_pool_server()     # the workers' imports run on another core meanwhile
     from stm_defects.errors import StageError
     from stm_defects.io.files import check_unlocked, output_folder, output_lock
 
@@ -487,6 +483,10 @@ def predict(
         require_ray()
     files = _inputs_outside(scan_files(paths), out)
     check_unlocked(out)         # a run into OUT is under way: stop before loading anything
+    if engine == "local" and workers > 1 and len(files) > 1:
+        from stm_defects.analysis.pool_server import start_pool_server
+
+        start_pool_server()     # the workers' imports run on another core while the models load
     # the override is checked first, then the models load; only then is anything written
     bundle, cfg, provenance, spec = model_bundle(models, model_stage, params, profile, with_spec=True)
     with output_lock(output_folder(out)):

@@ -3,9 +3,16 @@ that imports what a worker needs while the command itself imports and loads the 
 
 Importing the scientific stack takes several seconds (torch, scikit-learn, scikit-image,
 matplotlib). A spawned worker pays it again, after the command has paid it; a worker forked from
-this server inherits the imports and starts in milliseconds. The server is a fresh,
-single-threaded interpreter (no threads to lose in a fork). This module imports nothing but the
-standard library, so starting the server costs the command nothing.
+this server inherits the imports and starts in milliseconds. The server is a fresh interpreter
+that has run nothing but those imports (no thread pool of torch or OpenMP has started, so none
+is lost in a fork). This module imports nothing but the standard library, so starting the server
+costs the command nothing.
+
+Caveats: workers get the environment the server started with (a variable set later in the same
+process does not reach them); the preload applies only if this is the first fork server of the
+process (`run_pool` and `stm predict` start it through `start_pool_server`); a module of
+`WORKER_MODULES` that raises ImportError is skipped by the server (a worker then imports it
+itself).
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ def pool_start_method() -> str:
 
 def start_pool_server() -> None:
     """Start the fork server now, importing `WORKER_MODULES`, and return at once: call it as early
-    as possible. A no-op where workers are spawned, or when the server already runs."""
+    as possible. A no-op where workers are spawned, or when the server already runs. It holds
+    the imports' memory (about 0.4 GB) until the command ends."""
     if pool_start_method() != "forkserver":
         return
     from multiprocessing import forkserver

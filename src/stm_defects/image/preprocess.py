@@ -143,9 +143,9 @@ def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.
 
     Cost and memory: the fits reduce the image block by block to a few sums (`_plane_fit`), so
     no (pixels x terms) design matrix is held; one float64 residual image is the largest
-    temporary. The clipping's centre and robust sigma are medians over a regular grid of about
-    `STATS_SAMPLES` pixels (every pixel of a small image), so their cost does not grow with
-    the scan; the fits use every pixel.
+    temporary. The clipping's centre and robust sigma are medians over a fixed random sample of
+    `STATS_SAMPLES` pixels (every pixel of a small image; `stats_sample`), so their cost does not
+    grow with the scan; the fits use every pixel.
     """
     a = _check_image(img)
     if order not in (0, 1, 2):
@@ -156,10 +156,10 @@ def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.
     floor = 1e-9 * max(float(np.ptp(a)), np.finfo(np.float64).tiny)
     mask = None
     coef = _plane_fit(a, order, mask)
-    grid = stats_grid(a.shape)
+    sample = stats_sample(a.shape)
     for _ in range(max(0, iterations)):
         resid = _plane_residual(a, order, coef)
-        rs = resid[grid].copy() if mask is None else resid[grid][mask[grid]]   # a copy: changed below
+        rs = resid.reshape(-1)[sample] if mask is None else resid.reshape(-1)[sample[mask.reshape(-1)[sample]]]
         centre = float(np.median(rs)) if rs.size else 0.0
         # robust sigma (1.4826 x MAD) about the centre just found: `robust_sigma` without
         # taking the median twice
@@ -182,11 +182,15 @@ def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.
 STATS_SAMPLES = 1 << 16    # pixels a scan-wide robust statistic is taken over
 
 
-def stats_grid(shape: tuple[int, int], samples: int = STATS_SAMPLES) -> tuple[slice, slice]:
-    """Every k-th row and column, k the smallest step leaving at least about ``samples`` pixels
-    (1 for an image of fewer pixels): the sample a scan-wide median is taken over."""
-    k = max(1, int(math.sqrt(shape[0] * shape[1] / samples)))
-    return slice(None, None, k), slice(None, None, k)
+def stats_sample(shape: tuple[int, int], samples: int = STATS_SAMPLES) -> np.ndarray:
+    """Flat indices (sorted) of the pixels a scan-wide median is taken over: all of them for an
+    image of at most ``samples`` pixels, else ``samples`` drawn at random (with replacement) by
+    a fixed seed. Random, not every k-th row and column: a lattice whose period divides k would
+    put every sample on the same lattice phase."""
+    n = int(shape[0]) * int(shape[1])
+    if n <= samples:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).integers(0, n, samples))
 
 
 def _n_terms(order: int) -> int:
