@@ -84,8 +84,7 @@ def make_scans(params: str, size: int, n: int, folder: Path) -> list[str]:
     out = []
     for i in range(n):
         f = folder / f"si001_{size}_{i}.npy"
-        if not f.exists():
-            np.save(f, synth_scan(synth, 9000 + i).height)
+        np.save(f, synth_scan(synth, 9000 + i).height)
         out.append(str(f))
     return out
 

@@ -19,9 +19,9 @@ The pieces, in the order `stm predict` uses them:
   path, read options and input bytes (size and sha256) is skipped unless ``--force``.
 * `run_pool`: the scans in a process pool, the models loaded once per worker by the
   pool initializer, torch and BLAS at one thread per worker. Workers fork from the fork server
-  of `analysis.pool_server` (``spawn`` where there is none), which `stm predict` starts first
-  thing, so a worker starts in milliseconds instead of spending seconds on imports; results come
-  back as scans finish,
+  of `analysis.pool_server` (``spawn`` where there is none), which `stm predict` starts before it
+  loads the models, so a worker starts in milliseconds instead of spending seconds on imports;
+  results come back as scans finish,
   at most ``2 * workers`` in flight, so memory does not grow with the number of scans. A scan
   that kills its worker (e.g. out of memory) is retried alone, then failed; the others go on.
 * `write_summary`: summary.csv rebuilt from every prediction JSON under OUT that has this run's
@@ -344,7 +344,7 @@ def run_pool(tasks: Iterable[Task], spec: ModelSpec, job: Job, workers: int,
 
     start_method = start_method or pool_start_method()
     if start_method == "forkserver":
-        start_pool_server()     # a no-op when `stm predict` started it first thing
+        start_pool_server()     # a no-op when `stm predict` has started it
     ctx = multiprocessing.get_context(start_method)
 
     def new_pool() -> ProcessPoolExecutor:

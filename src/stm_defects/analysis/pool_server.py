@@ -1,5 +1,6 @@
-"""Where `stm predict --workers N`'s worker processes come from: a fork server started first thing,
-that imports what a worker needs while the command itself imports and loads the models.
+"""Where `stm predict --workers N`'s worker processes come from: a fork server, started once the
+command knows it has more than one scan, that imports what a worker needs while the command
+itself imports and loads the models.
 
 Importing the scientific stack takes several seconds (torch, scikit-learn, scikit-image,
 matplotlib). A spawned worker pays it again, after the command has paid it; a worker forked from

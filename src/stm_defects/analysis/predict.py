@@ -43,7 +43,7 @@ from stm_defects.analysis.figures import (
     defect_heights,
     scan_figure,
 )
-from stm_defects.io.files import PNG_COMPRESS_LEVEL, atomic_file, describe_os_error, write_csv, write_json
+from stm_defects.io.files import describe_os_error, save_picture, write_csv, write_json
 from stm_defects.io.safe_models import file_sha256
 from stm_defects.io.scans import Scan, ScanError, read_scan, require_min_size
 from stm_defects.results import Analysis, Models
@@ -239,16 +239,16 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
     px = image_pixel_nm(scan, scale)
     display = result.display if result.display is not None else img
     names = models.class_names
-    _save_picture(out / f"{stem}_overlay.png",
+    save_picture(out / f"{stem}_overlay.png",
                   scan_figure(display, local, px, getattr(result, "z_per_unit", None), scan.unit, names,
                               title=f"{path.name}: {len(local)} defect{'s' if len(local) != 1 else ''}"))
-    _save_picture(out / f"{stem}_classes.png", class_figure(display, result.class_map, local, px, names))
-    _save_picture(out / f"{stem}_character.png",
+    save_picture(out / f"{stem}_classes.png", class_figure(display, result.class_map, local, px, names))
+    save_picture(out / f"{stem}_character.png",
                   character_figure(result.char_map, result.error_map, px, cfg.improved.anomaly.threshold,
                                    method=cfg.method))
     crops = defect_crops(display, local, px)
     if crops is not None:
-        _save_picture(out / f"{stem}_defects.png", crops)
+        save_picture(out / f"{stem}_defects.png", crops)
     else:                      # no defects now: no strip left from an earlier run
         (out / f"{stem}_defects.png").unlink(missing_ok=True)
     area_nm2 = float(scan.height.size * scan.pixel_nm ** 2) if scan.pixel_nm else None
@@ -269,13 +269,6 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
                      for d in defects)
     return {"scan": str(path), "stem": stem, "json": f"{stem}.json", "n_defects": len(defects),
             "counts": dict(counts), "area_nm2": area_nm2, "pixel_nm": scan.pixel_nm}
-
-
-def _save_picture(path: Path, picture) -> None:
-    """A PIL image as PNG, atomically: what `save_png` writes for its pixels, without first
-    copying the (upscaled) picture into a numpy array and back."""
-    with atomic_file(path, "wb") as fh:
-        picture.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 # ------------------------------------------------------------------------------------ batches

@@ -201,7 +201,8 @@ def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0
     invalid = ~valid
 
     def one_scale(s: float):
-        """(|z| of scale s, and with line_smooth its rows' and columns' noise and the scan's)."""
+        """(|z| of scale s; with line_smooth, (its rows' noise, its columns' noise, the scan's
+        noise), else None)."""
         g = bank.at(s)
         med, sd = robust_location_scale(g[valid][::3])
         g -= med                          # g is now the deviation from the median
@@ -210,15 +211,14 @@ def score_maps(residual: np.ndarray, valid: np.ndarray, scales, floor: float = 0
         if not line_smooth:
             return z, None
         g[invalid] = np.nan
-        lines = (_line_noise(g, valid, 1, line_smooth, line_min_px), _line_noise(g, valid, 0, line_smooth, line_min_px),
-                 max(sd, floor, 1e-12))
-        return z, lines
+        return z, (_line_noise(g, valid, 1, line_smooth, line_min_px),
+                   _line_noise(g, valid, 0, line_smooth, line_min_px), max(sd, floor, 1e-12))
 
     out = np.zeros(residual.shape, np.float32)
     ratio = np.ones(residual.shape, np.float32) if line_smooth else None
-    for z, lines in map(one_scale, scales):
+    for z, noises in map(one_scale, scales):
         if ratio is not None:
-            rows, cols, noise = lines
+            rows, cols, noise = noises
             lines = np.maximum(rows[:, None], cols[None, :])
             lines /= noise
             np.maximum(lines, 1.0, out=lines)

@@ -138,7 +138,11 @@ def save_png(path: str | Path, rgb_or_grey: np.ndarray) -> None:
     arr = np.asarray(rgb_or_grey)
     if arr.dtype != np.uint8:
         arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-    picture = Image.fromarray(arr)
+    save_picture(path, Image.fromarray(arr))
+
+
+def save_picture(path: str | Path, picture) -> None:
+    """Write a PIL image as PNG (at `PNG_COMPRESS_LEVEL`), atomically."""
     with atomic_file(path, "wb") as fh:
         picture.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
