@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from stm_defects.analysis.boxes import score_boxes
-from stm_defects.analysis.dispatch import analyse, image_pixel_nm, preprocess_scan
+from stm_defects.analysis.dispatch import analyse, image_pixel_nm, missing_on, preprocess_scan
 from stm_defects.config import load_params, predict_config
 from stm_defects.io.model_files import load_models
 from stm_defects.io.scans import read_scan
@@ -55,7 +55,7 @@ for tj in sorted((D / "truth").glob("*.json")):
            "none": {}}[args.calibration]
     scan = read_scan(D / "images" / truth["image"], **how)
     img, scale = preprocess_scan(scan, cfg.preprocess)
-    res = analyse(img, models, cfg, image_pixel_nm(scan, scale))
+    res = analyse(img, models, cfg, image_pixel_nm(scan, scale), missing_on(scan, img.shape))
     defects = [{"x": r["x"] / scale, "y": r["y"] / scale, "class": r.get("class")} for r in res.regions]
     pairs.append(({"image": truth["image"], "shape": list(scan.height.shape), "defects": defects}, truth))
 out = score_boxes(pairs)

@@ -372,7 +372,7 @@ def classes(
 
     A scan that cannot be read or analysed is skipped and listed at the end (exit code 1); the
     gallery is made from the others."""
-    from stm_defects.analysis.dispatch import image_pixel_nm, preprocess_scan
+    from stm_defects.analysis.dispatch import image_pixel_nm, missing_on, preprocess_scan
     from stm_defects.analysis.gallery import defect_examples
     from stm_defects.analysis.render import class_gallery
     from stm_defects.errors import StageError
@@ -391,7 +391,8 @@ def classes(
             scan = read_scan(f)
             stage = "analyse"
             img, scale = preprocess_scan(scan, cfg.preprocess)
-            found = defect_examples(img, bundle, cfg, cfg.paper.patch, image_pixel_nm(scan, scale))
+            found = defect_examples(img, bundle, cfg, cfg.paper.patch, image_pixel_nm(scan, scale),
+                                    missing_on(scan, img.shape))
         except Exception as err:  # noqa: BLE001 - one bad scan must not end the gallery
             failed.append(file_failure(f, stage, err))
             continue

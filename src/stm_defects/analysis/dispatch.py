@@ -71,12 +71,26 @@ def _with_added_later(data: dict) -> dict:
 
 
 def analyse(img01: np.ndarray, models: Models, cfg: PredictConfig,
-            pixel_nm: float | None = None) -> Analysis:
+            pixel_nm: float | None = None, missing: np.ndarray | None = None) -> Analysis:
     """One preprocessed image (of ``pixel_nm`` nm per pixel, where known) -> maps, mask and
-    classified regions, by `cfg.method`."""
+    classified regions, by `cfg.method`. ``missing`` (`missing_on`): pixels that hold no
+    measurement, where the default method looks for nothing; the ``paper`` profile, as the
+    report, takes the image as it is."""
     if cfg.method == "improved":
-        return improved_analyse(img01, models.improved, cfg.improved, pixel_nm)
+        return improved_analyse(img01, models.improved, cfg.improved, pixel_nm, missing)
     return paper.analyse(img01, models, cfg.paper)
+
+
+def missing_on(scan: Scan, shape: tuple[int, int]) -> np.ndarray | None:
+    """`Scan.missing` on the grid of its preprocessed image (``shape``): a resampled pixel is
+    missing when any part of it is; None when every pixel was measured."""
+    if scan.missing is None:
+        return None
+    if scan.missing.shape == tuple(shape):
+        return scan.missing
+    from skimage.transform import resize
+
+    return resize(scan.missing.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=False) > 0.01
 
 
 def image_pixel_nm(scan: Scan, scale: float) -> float | None:

@@ -11,11 +11,11 @@ from stm_defects.results import Models
 
 
 def defect_examples(img: np.ndarray, models: Models, cfg: PredictConfig, patch: int = 32,
-                    pixel_nm: float | None = None) -> dict[int, list[np.ndarray]]:
+                    pixel_nm: float | None = None, missing: np.ndarray | None = None) -> dict[int, list[np.ndarray]]:
     """Class id -> the `patch`-px (s, s) patches of the classified defects found on one
-    preprocessed image (of ``pixel_nm`` nm per pixel, where known)."""
+    preprocessed image (of ``pixel_nm`` nm per pixel, where known; ``missing``: see `analyse`)."""
     examples: dict[int, list] = {}
-    regions = analyse(img, models, cfg, pixel_nm).regions
+    regions = analyse(img, models, cfg, pixel_nm, missing).regions
     if not regions:
         return examples
     centres = np.array([[int(round(r["y"])), int(round(r["x"]))] for r in regions])

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm, preprocess_scan
+from stm_defects.analysis.dispatch import PredictConfig, analyse, image_pixel_nm, missing_on, preprocess_scan
 from stm_defects.analysis.figures import (
     MAX_CROPS,
     character_figure,
@@ -91,7 +91,7 @@ def analyse_scan(scan: Scan, models: Models, cfg: PredictConfig
     require_min_size(scan, cfg.min_scan_px)
     span: dict = {}
     img, scale = preprocess_scan(scan, cfg.preprocess, min_side=cfg.min_scan_px, span_out=span)
-    result = analyse(img, models, cfg, image_pixel_nm(scan, scale))
+    result = analyse(img, models, cfg, image_pixel_nm(scan, scale), missing_on(scan, img.shape))
     if result.display is None:        # the paper method: each terrace levelled for the pictures
         from stm_defects.improved.anomaly import terrace_levelled
 
@@ -224,8 +224,10 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
     when all its pictures were written.
 
     The JSON: ``image`` (the path as given), ``shape``, ``pixel_size_nm`` and its source,
-    ``channel``, ``direction``, ``crop_origin``, ``area_nm2`` (of the analysed, cropped image;
-    null without a pixel size), ``conditions`` (`scan_conditions`), ``input`` (`input_identity`),
+    ``channel``, ``direction``, ``crop_origin``, ``area_nm2`` (the measured area of the analysed,
+    cropped image; null without a pixel size), ``missing_fraction`` (its pixels without a
+    measurement: NaN in the file or a burned-in scale bar, where nothing was looked for),
+    ``conditions`` (`scan_conditions`), ``input`` (`input_identity`),
     ``options`` (`read_options`), ``models`` (versions), ``models_sha256``, ``software``,
     ``config`` (where it came from, and ``values``) and ``defects``.
 
@@ -251,12 +253,13 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
         save_picture(out / f"{stem}_defects.png", crops)
     else:                      # no defects now: no strip left from an earlier run
         (out / f"{stem}_defects.png").unlink(missing_ok=True)
-    area_nm2 = float(scan.height.size * scan.pixel_nm ** 2) if scan.pixel_nm else None
+    missing = float(scan.missing.mean()) if scan.missing is not None else 0.0
+    area_nm2 = float(scan.height.size * (1.0 - missing) * scan.pixel_nm ** 2) if scan.pixel_nm else None
     write_json(out / f"{stem}.json", {
         "image": str(path), "shape": list(scan.original_shape or scan.height.shape),
         "pixel_size_nm": scan.pixel_nm, "pixel_size_source": scan.meta.get("pixel_nm_source"),
         "channel": scan.channel, "direction": scan.direction,
-        "crop_origin": list(scan.origin), "area_nm2": area_nm2,
+        "crop_origin": list(scan.origin), "area_nm2": area_nm2, "missing_fraction": missing,
         "conditions": scan_conditions(scan.meta),
         "input": source if source is not None else input_identity(path),
         "options": options if options is not None else read_options(),

@@ -35,6 +35,7 @@ from stm_defects.improved.steps import (
     StepConfig,
     Terraces,
     detect_steps,
+    fill_from_nearest,
     level_terraces,
     step_profile,
     terrace_background,
@@ -284,16 +285,28 @@ def terrace_levelled(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) ->
     return level_terraces(z, terr), terr
 
 
-def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyResult:
+def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
+           missing: np.ndarray | None = None) -> AnomalyResult:
+    """``missing``: pixels without a measurement (a scale bar burned into a picture, NaN in the
+    file). They take their nearest measured neighbour's value, count as residual 0 and, with
+    a margin of the widest blob scale, are neither searched nor part of any noise estimate."""
     # Memory: image-sized intermediates are dropped (del) as soon as they are used up and
     # computed in place where that gives the same numbers, so a large scan holds few at once.
+    if missing is not None and not missing.any():
+        missing = None
+    if missing is not None:
+        img01 = fill_from_nearest(img01, missing)
     lev, terr = terrace_levelled(img01, cfg)
     valid = ~terr.band
     b = cfg.border
     if b:
         valid[:b] = valid[-b:] = False
         valid[:, :b] = valid[:, -b:] = False
+    if missing is not None:
+        valid &= ~ndi.binary_dilation(missing, iterations=int(np.ceil(max(cfg.scales))))
     r = _terrace_residual(lev, terr, cfg.background_sigma)
+    if missing is not None:
+        r[missing] = 0.0
     clean, lat = lattice_notch(r, cfg)
     del r
     clean -= step_profile(clean, terr, None, cfg.profile_dist, cfg.profile_tile)
@@ -302,6 +315,8 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
     del clean
     w = (s0 < cfg.low_threshold).astype(np.float32)
     del s0
+    if missing is not None:
+        w[missing] = 0.0
     if cfg.row_median:   # scan-line offsets left by the row alignment (thin dark/bright stripes)
         offs = _row_offsets(lev - lat, valid & (w > 0))
         lev = lev - offs[:, None]
@@ -310,6 +325,8 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig()) -> AnomalyRe
     clean -= step_profile(clean, terr, w, cfg.profile_dist, cfg.profile_tile)
     del w
     clean[terr.band] = 0.0
+    if missing is not None:
+        clean[missing] = 0.0
     floor = cfg.lattice_floor * float(np.std(lat[valid][::3])) if cfg.lattice_floor else 0.0
     bank = GaussianBank(clean, max(*cfg.scales, _SIGN_SIGMA))
     score, ratio = score_maps(clean, valid, cfg.scales, floor, cfg.line_noise, cfg.line_min_px, bank)

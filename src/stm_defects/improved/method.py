@@ -82,15 +82,24 @@ def defect_patches(res: AnomalyResult, cfg: ImprovedConfig, step: float = 1.0) -
     return canonical_patches(res.residual, res.lattice, _centres(res), cfg.classify, _unit(res), step)
 
 
+def _detect(img01: np.ndarray, k: float, missing: np.ndarray | None, cfg: ImprovedConfig) -> AnomalyResult:
+    """`detect` on the working grid (factor ``k``), with the missing pixels resampled too."""
+    if missing is not None and k < 1.0:
+        missing = rescale_by(missing.astype(np.float32), k) > 0.01
+    return detect(_to_working(img01, k), cfg.anomaly, missing)
+
+
 def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int = 0,
-                 pixel_nms=None) -> dict:
-    """Detect defects on the (preprocessed) training images and fit the classes."""
+                 pixel_nms=None, missing=None) -> dict:
+    """Detect defects on the (preprocessed) training images and fit the classes.
+    ``missing``: per image, its pixels without a measurement (or None)."""
     patches = []
     n_det = []
     pixel_nms = list(pixel_nms) if pixel_nms is not None else [None] * len(train_images)
-    for img, px in zip(train_images, pixel_nms):
+    missing = list(missing) if missing is not None else [None] * len(train_images)
+    for img, px, miss in zip(train_images, pixel_nms, missing):
         k = working_scale(img.shape, px, cfg)
-        res = detect(_to_working(img, k), cfg.anomaly)
+        res = _detect(img, k, miss, cfg)
         p, _ = defect_patches(res, cfg, patch_step(px, k, cfg))
         patches.append(p)
         n_det.append(len(p))
@@ -104,17 +113,18 @@ def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int
 
 
 def improved_analyse(img01: np.ndarray, state: dict | None, cfg: ImprovedConfig = ImprovedConfig(),
-                     pixel_nm: float | None = None) -> Analysis:
+                     pixel_nm: float | None = None, missing: np.ndarray | None = None) -> Analysis:
     """One scan -> `Analysis`: char_map = terrace labels (step band: -1), error_map = the
     anomaly score (robust z), mask, regions (id, x, y, bbox, area_px, score, class,
     probability, row_angle_deg) and class_map.
 
     ``class`` is an int class, -1 for "unknown" (low likelihood), None without a fitted
-    state.  class_map holds each region's class on its pixels and -1 elsewhere (so unknown
+    state.  ``missing``: pixels that hold no measurement (`analysis.dispatch.missing_on`), where
+    no defect is looked for. class_map holds each region's class on its pixels and -1 elsewhere (so unknown
     defects are -1 there too; their regions still are in ``mask``).
     """
     k = working_scale(img01.shape, pixel_nm, cfg)
-    res = detect(_to_working(img01, k), cfg.anomaly)
+    res = _detect(img01, k, missing, cfg)
     classes = state.get("classes") if state else None
     regions = []
     if res.regions:

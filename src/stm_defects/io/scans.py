@@ -152,6 +152,10 @@ class Scan:
     origin: tuple[int, int] = (0, 0)
     original_shape: tuple[int, int] | None = None
     meta: dict = field(default_factory=dict)
+    #: True where a pixel holds no measurement (NaN or infinite in the file, or an annotation
+    #: burned into an exported picture: `image.overlays`); ``height`` holds the median there.
+    #: None when every pixel is measured.
+    missing: np.ndarray | None = None
 
 
 @dataclass
@@ -169,6 +173,7 @@ class _Raw:
     full_shape: tuple[int, int] | None = None  # the full grid when the reader already cropped
     pixel_y_nm: float | None = None  # the pixel height, where the header gives it separately
     pixel_source: str = ""  # the header fields the pixel size comes from, for error messages
+    overlay: np.ndarray | None = None  # pixels of annotations burned into an exported picture
 
 
 # ---------------------------------------------------------------------------
@@ -535,10 +540,13 @@ def _finalise(raw: _Raw, spath: str) -> Scan:
     good_cols = np.flatnonzero(~nan[r0:r1].all(axis=0))
     c0, c1 = int(good_cols[0]), int(good_cols[-1]) + 1
     z, invalid = z[r0:r1, c0:c1], invalid[r0:r1, c0:c1]
+    n_nan = int(invalid.sum())
+    if raw.overlay is not None and raw.overlay.any():
+        invalid = invalid | raw.overlay[r0:r1, c0:c1]
 
     meta = dict(raw.meta)
     n_invalid = int(invalid.sum())
-    fraction = n_invalid / z.size
+    fraction = n_nan / z.size
     if fraction > 0.5:
         raise ScanError(
             spath, f"{fraction:.0%} of the pixels inside the scanned area are missing (NaN) or infinite"
@@ -550,7 +558,9 @@ def _finalise(raw: _Raw, spath: str) -> Scan:
             raise ScanError(spath, "height values are too large to convert to nm (corrupt data?)")
     if n_invalid:
         z[invalid] = np.median(z[~invalid])
-    meta["nan_filled_fraction"] = float(fraction)  # NaN or infinite pixels filled with the median
+    meta["nan_filled_fraction"] = float(n_nan / z.size)  # NaN or infinite pixels filled with the median
+    if raw.overlay is not None:
+        meta["overlay_fraction"] = float((n_invalid - n_nan) / z.size)  # burned-in annotations, filled too
 
     with np.errstate(over="ignore"):
         height = z.astype(np.float32)
@@ -574,6 +584,7 @@ def _finalise(raw: _Raw, spath: str) -> Scan:
         origin=origin,
         original_shape=(int(full_shape[0]), int(full_shape[1])),
         meta=jsonable(meta, 64),
+        missing=invalid if n_invalid else None,
     )
 
 
@@ -1323,8 +1334,10 @@ def _read_tiff(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         meta["converted"] = "RGB to luminance"
     elif data.ndim == 3 and data.shape[-1] == 2:  # grey + alpha
         data = data[..., 0]
+    eight_bit = meta["dtype"] == "uint8"     # an exported picture, which may carry a scale bar
     return _Raw(
-        data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format="tiff", meta=meta
+        data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format="tiff", meta=meta,
+        overlay=_overlays(data) if eight_bit and data.ndim == 2 else None,
     )
 
 
@@ -1346,9 +1359,20 @@ def _read_png(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         else:  # palette, RGB(A), CMYK, ...
             data = _luminance(np.array(img.convert("RGB")))
             meta["converted"] = f"{mode} to luminance"
+    eight_bit = mode in ("L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr")
     return _Raw(
-        data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format=kind, meta=meta
+        data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format=kind, meta=meta,
+        overlay=_overlays(data, 8 if kind == "jpeg" else 1) if eight_bit else None,
     )
+
+
+def _overlays(data: np.ndarray, block: int = 1) -> np.ndarray | None:
+    """The burned-in annotations (scale bar and its label) of an 8-bit exported picture, or None
+    when it has none (`image.overlays`; ``block`` 8 for a JPEG's compression blocks)."""
+    from stm_defects.image.overlays import burned_in_overlays
+
+    mask = burned_in_overlays(data, block=block)
+    return mask if mask.any() else None
 
 
 #: Readers that choose among several channels by name (``channel=``); the others hold one.

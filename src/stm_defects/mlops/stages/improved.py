@@ -18,7 +18,7 @@ def fit_improved(params, deps, outs, tracker, progress) -> dict:
     """Fit the improved analysis (defect classes) on the training scans -> `<model>/state.npz`."""
     import dataclasses
 
-    from stm_defects.analysis.dispatch import image_pixel_nm, load_image
+    from stm_defects.analysis.dispatch import image_pixel_nm, load_image, missing_on
     from stm_defects.analysis.gallery import gallery
     from stm_defects.config import predict_config
     from stm_defects.improved.method import fit_improved as fit
@@ -27,14 +27,15 @@ def fit_improved(params, deps, outs, tracker, progress) -> dict:
     raw_dir, out = Path(deps["raw"]), fresh_dir(outs["model"])
     cfg = predict_config(params)
     names = read_json(deps["manifest"])["splits"]["train"]
-    images, pixel_nms = [], []
+    images, pixel_nms, missing = [], [], []
     with progress(len(names), "fit improved") as step:
         for name in names:
             scan, img, scale = load_image(raw_dir / name, cfg.preprocess, **params.scan_calibration.read_kwargs())
             images.append(img)
             pixel_nms.append(image_pixel_nm(scan, scale))
+            missing.append(missing_on(scan, img.shape))
             step(1)
-    state = fit(images, cfg.improved, params.seed, pixel_nms)
+    state = fit(images, cfg.improved, params.seed, pixel_nms, missing)
     safe_models.save(out / "state.npz", state, "improved")
     write_json(out / "config.json", cfg.to_dict())
     # The gallery shows this method's classes whatever detector.method says.
