@@ -15,6 +15,17 @@ predicting all samples).  The chosen k has the lowest BIC among the stable ones 
 (mean cross-posterior >= ``merge_overlap``) are merged into one class.  A defect whose
 log-likelihood is below the ``unknown_quantile`` of the training defects is "unknown" (-1).
 
+Split.  The scan-wide principal components follow what varies most among all defects (big
+clusters against small dots), so two kinds that differ in a finer way (a round dangling bond
+and an adsorbate bar, under noise) can share one component.  So each class of at least
+``split_min`` training defects is looked at in its own principal components: it is split in
+two when a two-component mixture there has a lower BIC than one Gaussian, each part holds at
+least ``split_min_share`` of the class, the parts do not overlap by the rule that merges
+components (mean cross-posterior < ``merge_overlap``), and the split is one of kinds, not of
+poses: flipping the class's patches along or across the rows (their canonical flip is a
+guess where a first moment is near zero) moves at most ``split_max_flip`` of them from one
+part to the other.  ``split_min`` 0: never.
+
 All randomness comes from the ``seed`` argument; the fitted state is a plain dict of numpy
 arrays and numbers (and one GaussianMixture), which `io.safe_models` stores without pickle.
 """
@@ -54,6 +65,9 @@ class ClassifyConfig:
     unknown_quantile: float = 0.005
     max_samples: int = 4000
     n_init: int = 3                 # EM restarts of each mixture (the best likelihood is kept)
+    split_min: int = 100            # a class of this many training defects may be split in two (0: never)
+    split_min_share: float = 0.1    # ... when each part holds this share of it (see "Split" above)
+    split_max_flip: float = 0.05    # ... and flipped patches change part at most this often
 
 
 def _windows(a: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
@@ -214,8 +228,12 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
     post = g.predict_proba(Z)
     cmap = _merge_map(post, cfg.merge_overlap)
     ll = g.score_samples(Z)
+    n_base = int(cmap.max() + 1)
+    nearest = _class_posteriors(post, cmap, n_base).argmax(axis=1)
+    splits = _splits(X, patches, nearest, n_base, cfg, seed) if cfg.split_min else []
     state.update({
-        "gmm": g, "component_class": cmap, "n_classes": int(cmap.max() + 1),
+        "gmm": g, "component_class": cmap, "n_classes": n_base + len(splits), "n_base_classes": n_base,
+        "splits": splits,
         "loglik_threshold": float(np.quantile(ll, cfg.unknown_quantile)) if cfg.unknown_quantile else -np.inf,
         # the training defects' log-likelihoods at every percentile: a new defect's typicality
         "loglik_quantiles": np.quantile(ll, np.linspace(0.0, 1.0, 101)),
@@ -223,6 +241,44 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
         "selection": [{k: v for k, v in t.items() if k != "_model"} for t in table],
     })
     return state
+
+
+def _class_posteriors(post: np.ndarray, cmap: np.ndarray, n_classes: int) -> np.ndarray:
+    """Component posteriors (N, k) -> class posteriors (N, n_classes) by `component_class`."""
+    cp = np.zeros((len(post), n_classes))
+    for comp, cls in enumerate(cmap):
+        cp[:, cls] += post[:, comp]
+    return cp
+
+
+def _splits(X: np.ndarray, patches: np.ndarray, nearest: np.ndarray, n_classes: int, cfg: ClassifyConfig,
+            seed: int) -> list[dict]:
+    """The classes to split in two (see "Split" in the module's docstring): per class split, its
+    id, its own PCA and the two-component mixture; the second part becomes class
+    ``n_classes + j`` for the j-th split. ``X``: the features of ``patches``."""
+    out = []
+    for c in range(n_classes):
+        sel = nearest == c
+        n = int(sel.sum())
+        if n < max(int(cfg.split_min), 10):
+            continue
+        mean, comps, scale = _pca_fit(X[sel], int(min(cfg.n_pca, X.shape[1], n - 1)))
+        Z = (X[sel] - mean) @ comps.T / scale
+        one, two = _gmm(1, cfg, seed).fit(Z), _gmm(2, cfg, seed).fit(Z)
+        if two.bic(Z) >= one.bic(Z) or two.weights_.min() < cfg.split_min_share:
+            continue
+        post = two.predict_proba(Z)
+        hard = post.argmax(axis=1)
+        overlap = max(post[hard == i, 1 - i].mean() if (hard == i).any() else 1.0 for i in (0, 1))
+        if overlap >= cfg.merge_overlap:
+            continue
+        p = patches[sel]
+        moved = max(float(np.mean(two.predict((_features(f) - mean) @ comps.T / scale) != hard))
+                    for f in (p[:, :, ::-1], p[:, ::-1, :], p[:, ::-1, ::-1]))
+        if moved > cfg.split_max_flip:
+            continue          # the parts are poses of one kind
+        out.append({"class": c, "pca_mean": mean, "pca_components": comps, "pca_scale": scale, "gmm": two})
+    return out
 
 
 def predict_classes(state: dict, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -246,13 +302,20 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
     Z = _project(state, patches)
     g = state["gmm"]
     post = g.predict_proba(Z)
-    cmap = state["component_class"]
-    nc = int(state["n_classes"])
-    cp = np.zeros((len(Z), nc))
-    for comp, cls in enumerate(cmap):
-        cp[:, cls] += post[:, comp]
+    cp = _class_posteriors(post, state["component_class"], int(state.get("n_base_classes", state["n_classes"])))
     nearest = cp.argmax(axis=1)
     prob = cp[np.arange(len(Z)), nearest]
+    splits = state.get("splits") or []
+    if splits:
+        X = _features(patches)
+        for j, sp in enumerate(splits):    # a split class's second part is a class of its own
+            sel = np.flatnonzero(nearest == sp["class"])
+            if not len(sel):
+                continue
+            sub = sp["gmm"].predict_proba((X[sel] - sp["pca_mean"]) @ sp["pca_components"].T / sp["pca_scale"])
+            part = sub.argmax(axis=1)
+            nearest[sel[part == 1]] = int(state["n_base_classes"]) + j
+            prob[sel] *= sub[np.arange(len(sel)), part]
     ll = g.score_samples(Z)
     unknown = ll < state["loglik_threshold"]
     q = state.get("loglik_quantiles")
