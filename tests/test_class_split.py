@@ -68,3 +68,19 @@ def test_fit_classes_splits_the_class_that_holds_two_kinds_and_split_min_0_turns
     # the split travels in the model file (no pickle) and predicts the same
     back = safe_models.loads(safe_models.dumps({"classes": state}, "improved"), "improved")["classes"]
     assert np.array_equal(classify_patches(back, p)["label"], got["label"])
+
+
+def test_a_state_fitted_before_splits_classifies_as_it_did():
+    """A stored state without ``splits`` and ``n_base_classes`` (fitted by an older release)
+    gives the same classes; a stored config without ``split_min`` fits without splits."""
+    from stm_defects.analysis.dispatch import PredictConfig
+
+    rng = np.random.default_rng(3)
+    p = np.concatenate([_noisy(k, 120, rng) for k in (DOT, BAR, -DOT)])
+    state = fit_classes(p, dataclasses.replace(CFG, split_min=0), seed=0)
+    old = {k: v for k, v in state.items() if k not in ("splits", "n_base_classes")}
+    a, b = classify_patches(state, p), classify_patches(old, p)
+    assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+    stored = PredictConfig().to_dict()
+    del stored["improved"]["classify"]["split_min"]
+    assert PredictConfig.from_dict(stored).improved.classify.split_min == 0

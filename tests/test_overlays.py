@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from stm_defects.analysis.dispatch import PredictConfig, analyse, missing_on, preprocess_scan
 from stm_defects.image.overlays import burned_in_overlays
-from stm_defects.io.scans import read_scan
+from stm_defects.io.scans import Scan, read_scan
 from stm_defects.results import Models
 
 WSE2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-labelled" / "wse2-dev" / "images"
@@ -136,3 +136,16 @@ def test_a_hole_of_nan_pixels_is_missing_and_draws_no_defect(tmp_path):
     unmasked = analyse(img, Models(), cfg, scan.pixel_nm / scale).regions
     assert [r for r in unmasked if 130 <= r["y"] / scale <= 180 and 190 <= r["x"] / scale <= 250], \
         "the median-filled hole alone looks like a defect"
+
+
+def test_a_thin_missing_line_survives_the_resampling_of_preprocessing():
+    """`missing_on` on a coarser grid (``preprocess.target_pixel_nm``): a pixel is missing when
+    any part of it is, so a one-pixel NaN line is not lost at 1/5 of the size."""
+    miss = np.zeros((300, 300), bool)
+    miss[150] = True
+    scan = Scan(height=np.zeros((300, 300), np.float32), pixel_nm=0.1, unit="nm",
+                channel="Z", direction="forward", path="x", format="npy", missing=miss)
+    for shape in ((100, 100), (60, 60)):
+        m = missing_on(scan, shape)
+        assert m.shape == shape and m[int(150 * shape[0] / 300)].all()
+        assert m.mean() < 0.1

@@ -75,7 +75,7 @@ def analyse(img01: np.ndarray, models: Models, cfg: PredictConfig,
     """One preprocessed image (of ``pixel_nm`` nm per pixel, where known) -> maps, mask and
     classified regions, by `cfg.method`. ``missing`` (`missing_on`): pixels that hold no
     measurement, where the default method looks for nothing; the ``paper`` profile, as the
-    report, takes the image as it is."""
+    report, analyses the whole image (the reader filled those pixels with the median)."""
     if cfg.method == "improved":
         return improved_analyse(img01, models.improved, cfg.improved, pixel_nm, missing)
     return paper.analyse(img01, models, cfg.paper)
@@ -90,7 +90,7 @@ def missing_on(scan: Scan, shape: tuple[int, int]) -> np.ndarray | None:
         return scan.missing
     from skimage.transform import resize
 
-    return resize(scan.missing.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=False) > 0.01
+    return resize(scan.missing.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=True) > 0.01
 
 
 def image_pixel_nm(scan: Scan, scale: float) -> float | None:

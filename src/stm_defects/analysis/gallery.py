@@ -27,11 +27,13 @@ def defect_examples(img: np.ndarray, models: Models, cfg: PredictConfig, patch: 
 
 
 def gallery(images: list[np.ndarray], models: Models, cfg: PredictConfig, per_class: int = 8,
-            patch: int = 32, pixel_nms: list[float | None] | None = None) -> np.ndarray:
+            patch: int = 32, pixel_nms: list[float | None] | None = None,
+            missing: list[np.ndarray | None] | None = None) -> np.ndarray:
     """Per-class montage (RGB uint8) of `patch`-px defect patches found on preprocessed `images`
-    (of `pixel_nms` nm per pixel, where known)."""
+    (of `pixel_nms` nm per pixel, where known; `missing`: their pixels without a measurement)."""
     examples: dict[int, list] = {}
     for i, img in enumerate(images):
-        for cls, found in defect_examples(img, models, cfg, patch, pixel_nms[i] if pixel_nms else None).items():
+        for cls, found in defect_examples(img, models, cfg, patch, pixel_nms[i] if pixel_nms else None,
+                                          missing[i] if missing else None).items():
             examples.setdefault(cls, []).extend(found)
     return class_gallery(examples, models.class_names, per_class)

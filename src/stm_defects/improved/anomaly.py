@@ -289,7 +289,7 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
            missing: np.ndarray | None = None) -> AnomalyResult:
     """``missing``: pixels without a measurement (a scale bar burned into a picture, NaN in the
     file). They take their nearest measured neighbour's value, count as residual 0 and, with
-    a margin of the widest blob scale, are neither searched nor part of any noise estimate."""
+    a margin of twice the widest blob scale, are neither searched nor part of any noise estimate."""
     # Memory: image-sized intermediates are dropped (del) as soon as they are used up and
     # computed in place where that gives the same numbers, so a large scan holds few at once.
     if missing is not None and not missing.any():
@@ -303,7 +303,8 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
         valid[:b] = valid[-b:] = False
         valid[:, :b] = valid[:, -b:] = False
     if missing is not None:
-        valid &= ~ndi.binary_dilation(missing, iterations=int(np.ceil(max(cfg.scales))))
+        valid &= ~ndi.binary_dilation(missing, structure=np.ones((3, 3), bool),
+                                      iterations=int(np.ceil(2 * max(cfg.scales))))
     r = _terrace_residual(lev, terr, cfg.background_sigma)
     if missing is not None:
         r[missing] = 0.0

@@ -27,7 +27,8 @@ guess where a first moment is near zero) moves at most ``split_max_flip`` of the
 part to the other.  ``split_min`` 0: never.
 
 All randomness comes from the ``seed`` argument; the fitted state is a plain dict of numpy
-arrays and numbers (and one GaussianMixture), which `io.safe_models` stores without pickle.
+arrays and numbers (and GaussianMixtures: the classes' and one per split), which
+`io.safe_models` stores without pickle.
 """
 
 from __future__ import annotations

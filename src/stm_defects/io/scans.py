@@ -1362,7 +1362,8 @@ def _read_png(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
     eight_bit = mode in ("L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr")
     return _Raw(
         data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format=kind, meta=meta,
-        overlay=_overlays(data, 8 if kind == "jpeg" else 1) if eight_bit else None,
+        # a colour JPEG's chroma is usually subsampled 2x2: its compression blocks span 16 px
+        overlay=_overlays(data, (8 if mode == "L" else 16) if kind == "jpeg" else 1) if eight_bit else None,
     )
 
 

@@ -40,7 +40,8 @@ def fit_improved(params, deps, outs, tracker, progress) -> dict:
     write_json(out / "config.json", cfg.to_dict())
     # The gallery shows this method's classes whatever detector.method says.
     shown = dataclasses.replace(cfg, method="improved")
-    save_png(out / "gallery.png", gallery(images[:8], Models(improved=state), shown, pixel_nms=pixel_nms[:8]))
+    save_png(out / "gallery.png", gallery(images[:8], Models(improved=state), shown, pixel_nms=pixel_nms[:8],
+                                              missing=missing[:8]))
     classes = state.get("classes") or {}
     metrics = {"n_train_images": state["n_train_images"], "n_train_defects": state["n_train_defects"],
                "n_classes": classes.get("n_classes"), "k": classes.get("k")}
