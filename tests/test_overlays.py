@@ -149,3 +149,28 @@ def test_a_thin_missing_line_survives_the_resampling_of_preprocessing():
         m = missing_on(scan, shape)
         assert m.shape == shape and m[int(150 * shape[0] / 300)].all()
         assert m.mean() < 0.1
+
+
+def test_a_white_bar_on_a_colour_map_export_is_found_channel_by_channel(tmp_path):
+    """A colour JPEG (afmhot, chroma subsampled): a white bar's luminance is not beyond the
+    bright end of the map, but it is in the blue channel, which the map keeps low."""
+    from matplotlib import colormaps
+
+    clean = _surface(seed=4)
+    rgb = (colormaps["afmhot"](clean / 255.0)[..., :3] * 255).astype(np.uint8)
+    n = clean.shape[0]
+    r, x0, x1 = int(0.92 * n), int(0.55 * n), int(0.9 * n)
+    pic = Image.fromarray(rgb.copy())
+    d = ImageDraw.Draw(pic)
+    for line in ([(x0, r), (x1, r)], [(x0, r - 4), (x0, r + 4)], [(x1, r - 4), (x1, r + 4)]):
+        d.line(line, fill=(255, 255, 255))
+    d.text(((x0 + x1) // 2 - 20, r + 4), "200 nm", fill=(255, 255, 255))
+    pic.save(tmp_path / "colour.jpg", quality=90)
+    Image.fromarray(rgb).save(tmp_path / "plain.jpg", quality=90)
+    luminance = np.asarray(Image.open(tmp_path / "colour.jpg").convert("L"))
+    assert not burned_in_overlays(luminance).any(), "the luminance alone hides the bar"
+    scan = read_scan(tmp_path / "colour.jpg", scan_nm=20.0)
+    drawn = np.any(np.asarray(pic) != rgb, axis=-1)
+    assert scan.missing is not None and scan.missing[drawn].all()
+    assert np.flatnonzero(scan.missing.any(axis=1)).min() >= r - 40
+    assert read_scan(tmp_path / "plain.jpg", scan_nm=20.0).missing is None

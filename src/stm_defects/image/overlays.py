@@ -48,10 +48,16 @@ class OverlayConfig:
 
 def burned_in_overlays(data: np.ndarray, cfg: OverlayConfig = OverlayConfig(), block: int = 1) -> np.ndarray:
     """Boolean mask of the burned-in annotations of an exported picture ``data`` (2-D, any
-    numeric type; its own min and max are the drawing colours' range). All False when there
-    are none. ``block`` 8 for a JPEG: the mask then covers every 8 x 8 block it touches, where
-    the compression spread the drawing's edges (ringing)."""
+    numeric type; its own min and max are the drawing colours' range; or (H, W, 3) colour,
+    looked at channel by channel: a white bar on a colour map is extreme in the channel the
+    map keeps low). All False when there are none. ``block`` 8 for a JPEG: the mask then covers
+    every 8 x 8 block it touches, where the compression spread the drawing's edges (ringing)."""
     a = np.asarray(data)
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        out = np.zeros(a.shape[:2], bool)
+        for ch in range(3):
+            out |= burned_in_overlays(a[..., ch], cfg, block)
+        return out
     if a.ndim != 2 or min(a.shape) < 16:
         return np.zeros(a.shape, bool)
     lo, hi = float(np.min(a)), float(np.max(a))

@@ -1357,13 +1357,15 @@ def _read_png(p: Path, hdir: str | None, vdir: str | None) -> _Raw:
         elif mode == "LA":
             data = np.array(img.getchannel("L"))
         else:  # palette, RGB(A), CMYK, ...
-            data = _luminance(np.array(img.convert("RGB")))
+            colour = np.array(img.convert("RGB"))
+            data = _luminance(colour)
             meta["converted"] = f"{mode} to luminance"
     eight_bit = mode in ("L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr")
+    drawn = colour if eight_bit and mode not in ("L", "LA") else data   # a bar is looked for per colour channel
     return _Raw(
         data=data, to_nm=None, pixel_nm=None, channel="image", direction="forward", format=kind, meta=meta,
         # a colour JPEG's chroma is usually subsampled 2x2: its compression blocks span 16 px
-        overlay=_overlays(data, (8 if mode == "L" else 16) if kind == "jpeg" else 1) if eight_bit else None,
+        overlay=_overlays(drawn, (8 if mode == "L" else 16) if kind == "jpeg" else 1) if eight_bit else None,
     )
 
 
