@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stm_defects.image.preprocess import PreprocessConfig, ResampleError, preprocess
+from stm_defects.image.preprocess import PreprocessConfig, ResampleError, mask_on, preprocess
 from stm_defects.improved.method import ImprovedConfig, improved_analyse
 from stm_defects.io.files import jsonable
 from stm_defects.io.scans import Scan, ScanError, read_scan
@@ -84,13 +84,7 @@ def analyse(img01: np.ndarray, models: Models, cfg: PredictConfig,
 def missing_on(scan: Scan, shape: tuple[int, int]) -> np.ndarray | None:
     """`Scan.missing` on the grid of its preprocessed image (``shape``): a resampled pixel is
     missing when any part of it is; None when every pixel was measured."""
-    if scan.missing is None:
-        return None
-    if scan.missing.shape == tuple(shape):
-        return scan.missing
-    from skimage.transform import resize
-
-    return resize(scan.missing.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=True) > 0.01
+    return None if scan.missing is None else mask_on(scan.missing, shape)
 
 
 def image_pixel_nm(scan: Scan, scale: float) -> float | None:

@@ -56,6 +56,8 @@ def burned_in_overlays(data: np.ndarray, cfg: OverlayConfig = OverlayConfig(), b
     if a.ndim == 3 and a.shape[-1] in (3, 4):
         out = np.zeros(a.shape[:2], bool)
         for ch in range(3):
+            if ch and np.array_equal(a[..., ch], a[..., ch - 1]):
+                continue        # a grey picture stored as colour: the same channel again
             out |= burned_in_overlays(a[..., ch], cfg, block)
         return out
     if a.ndim != 2 or min(a.shape) < 16:
@@ -115,8 +117,8 @@ def _bars_and_labels(ext: np.ndarray, cfg: OverlayConfig) -> np.ndarray | None:
         if label is None and not _ticked(ext, rows, cols):
             continue
         reach = 3 + thick   # the bar and its ticks
-        out[max(0, rows.start - reach): rows.stop + reach, max(0, cols.start - 2): cols.stop + 2] |= \
-            ext[max(0, rows.start - reach): rows.stop + reach, max(0, cols.start - 2): cols.stop + 2]
+        near = (slice(max(0, rows.start - reach), rows.stop + reach), slice(max(0, cols.start - 2), cols.stop + 2))
+        out[near] |= ext[near]
         if label is not None:
             out[label] = True
     return out if out.any() else None

@@ -359,6 +359,17 @@ def resample(img, pixel_nm: float | None, target_pixel_nm: float | None,
     return rescale_by(a, scale), scale
 
 
+def mask_on(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask on another grid of ``shape``: a pixel of the new grid is set when any part
+    of it was (anti-aliased resize, any coverage above 1%), so a one-pixel line survives a
+    coarser grid."""
+    from skimage.transform import resize
+
+    if mask.shape == tuple(shape):
+        return mask
+    return resize(mask.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=True) > 0.01
+
+
 def rescale_by(img, scale: float) -> np.ndarray:
     """The image resampled by ``scale`` (bilinear; anti-aliased when shrinking), as float32."""
     out = rescale(

@@ -156,9 +156,10 @@ def _pca_fit(X: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return mean, comps, scale
 
 
-def _project(state: dict, patches: np.ndarray) -> np.ndarray:
-    X = _features(patches)
-    return (X - state["pca_mean"]) @ state["pca_components"].T / state["pca_scale"]
+def _project(pca: dict, X: np.ndarray) -> np.ndarray:
+    """Features ``X`` (`_features`) in the scaled principal components of ``pca`` (a state, or
+    a split: ``pca_mean``, ``pca_components``, ``pca_scale``)."""
+    return (X - pca["pca_mean"]) @ pca["pca_components"].T / pca["pca_scale"]
 
 
 def _gmm(k: int, cfg: ClassifyConfig, seed: int) -> GaussianMixture:
@@ -206,7 +207,7 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
     n_pca = int(min(cfg.n_pca, X.shape[1], max(len(X) - 1, 1)))
     mean, comps, scale = _pca_fit(X, n_pca)
     state = {"pca_mean": mean, "pca_components": comps, "pca_scale": scale}
-    Z = (X - mean) @ comps.T / scale
+    Z = _project(state, X)
     n = len(Z)
     table = []
     for k in range(cfg.k_range[0], cfg.k_range[1] + 1):
@@ -264,7 +265,8 @@ def _splits(X: np.ndarray, patches: np.ndarray, nearest: np.ndarray, n_classes: 
         if n < max(int(cfg.split_min), 10):
             continue
         mean, comps, scale = _pca_fit(X[sel], int(min(cfg.n_pca, X.shape[1], n - 1)))
-        Z = (X[sel] - mean) @ comps.T / scale
+        split = {"class": c, "pca_mean": mean, "pca_components": comps, "pca_scale": scale}
+        Z = _project(split, X[sel])
         one, two = _gmm(1, cfg, seed).fit(Z), _gmm(2, cfg, seed).fit(Z)
         if two.bic(Z) >= one.bic(Z) or two.weights_.min() < cfg.split_min_share:
             continue
@@ -274,11 +276,11 @@ def _splits(X: np.ndarray, patches: np.ndarray, nearest: np.ndarray, n_classes: 
         if overlap >= cfg.merge_overlap:
             continue
         p = patches[sel]
-        moved = max(float(np.mean(two.predict((_features(f) - mean) @ comps.T / scale) != hard))
+        moved = max(float(np.mean(two.predict(_project(split, _features(f))) != hard))
                     for f in (p[:, :, ::-1], p[:, ::-1, :], p[:, ::-1, ::-1]))
         if moved > cfg.split_max_flip:
             continue          # the parts are poses of one kind
-        out.append({"class": c, "pca_mean": mean, "pca_components": comps, "pca_scale": scale, "gmm": two})
+        out.append({**split, "gmm": two})
     return out
 
 
@@ -300,20 +302,18 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
     if n == 0:
         return {"label": np.zeros(0, np.int64), "nearest": np.zeros(0, np.int64),
                 "nearest_probability": np.zeros(0), "typicality": np.zeros(0)}
-    Z = _project(state, patches)
+    X = _features(patches)
+    Z = _project(state, X)
     g = state["gmm"]
     post = g.predict_proba(Z)
     cp = _class_posteriors(post, state["component_class"], int(state.get("n_base_classes", state["n_classes"])))
     nearest = cp.argmax(axis=1)
     prob = cp[np.arange(len(Z)), nearest]
     splits = state.get("splits") or []
-    if splits:
-        X = _features(patches)
-        for j, sp in enumerate(splits):    # a split class's second part is a class of its own
-            sel = np.flatnonzero(nearest == sp["class"])
-            if not len(sel):
-                continue
-            sub = sp["gmm"].predict_proba((X[sel] - sp["pca_mean"]) @ sp["pca_components"].T / sp["pca_scale"])
+    for j, sp in enumerate(splits):        # a split class's second part is a class of its own
+        sel = np.flatnonzero(nearest == sp["class"])
+        if len(sel):
+            sub = sp["gmm"].predict_proba(_project(sp, X[sel]))
             part = sub.argmax(axis=1)
             nearest[sel[part == 1]] = int(state["n_base_classes"]) + j
             prob[sel] *= sub[np.arange(len(sel)), part]

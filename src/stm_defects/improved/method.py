@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stm_defects.image.preprocess import rescale_by
+from stm_defects.image.preprocess import mask_on, rescale_by
 from stm_defects.improved.anomaly import AnomalyConfig, AnomalyResult, detect
 from stm_defects.improved.classify import ClassifyConfig, canonical_patches, classify_patches, fit_classes
 from stm_defects.results import Analysis
@@ -84,9 +84,8 @@ def defect_patches(res: AnomalyResult, cfg: ImprovedConfig, step: float = 1.0) -
 
 def _detect(img01: np.ndarray, k: float, missing: np.ndarray | None, cfg: ImprovedConfig) -> AnomalyResult:
     """`detect` on the working grid (factor ``k``), with the missing pixels resampled too."""
-    if missing is not None and k < 1.0:
-        missing = rescale_by(missing.astype(np.float32), k) > 0.01
-    return detect(_to_working(img01, k), cfg.anomaly, missing)
+    work = _to_working(img01, k)
+    return detect(work, cfg.anomaly, None if missing is None else mask_on(missing, work.shape))
 
 
 def fit_improved(train_images, cfg: ImprovedConfig = ImprovedConfig(), seed: int = 0,
