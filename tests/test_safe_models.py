@@ -23,6 +23,7 @@ from stm_defects.cli import app
 from stm_defects.io import safe_models
 from stm_defects.io.model_files import load_model, load_models
 from stm_defects.io.safe_models import ModelFileError
+from stm_defects.results import Deferred
 from tiny import tiny_improved_state, tiny_models, tiny_registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +222,9 @@ def test_load_models_reads_the_safe_files(tmp_path):
     assert models.improved["classes"]["n_classes"] == 2
     assert models.config == {"method": "improved", "x": 1}                # the verified improved/config.json
     assert models.calibration == {"error_threshold": 0.1}
-    assert models.ae1.cfg.latent == 2 and not models.ae1.training
+    assert isinstance(models.ae1, Deferred)             # verified now, built on first use
+    ae1 = models.autoencoder("ae1")
+    assert ae1.cfg.latent == 2 and not ae1.training and models.ae1 is ae1
     assert set(models.versions) == {"ae1", "kmeans", "ae2", "gmm", "improved"}
 
 
@@ -276,6 +279,31 @@ def test_planted_or_changed_model_files_are_refused(tmp_path, case):
         load_models(d)
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert not marker.exists()
+
+
+def test_a_checkpoint_torch_refuses_is_refused_when_first_used_and_by_a_paper_prediction(tmp_path):
+    """A zip archive with the manifest's hash that is no checkpoint: the default method never
+    builds it; the first use is one ModelFileError naming the file; `stm predict` with the paper
+    method refuses it before any scan."""
+    import zipfile
+
+    d = tmp_path / "models"
+    tiny_models(d, config={"method": "paper"})
+    with zipfile.ZipFile(d / "ae1" / "model.pt", "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    safe_models.write_manifest(d / "ae1", "model.pt")
+    models = load_models(d)
+    with pytest.raises(ModelFileError) as err:
+        models.autoencoder("ae1")
+    text = str(err.value)
+    assert text.startswith(str(d / "ae1" / "model.pt")) and "not a readable autoencoder checkpoint" in text, text
+    np.save(tmp_path / "scan.npy", np.random.default_rng(0).normal(size=(64, 64)))
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "scan.npy"), "--models", str(d),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "not a readable autoencoder checkpoint" in lines[0], result.output
+    assert not (tmp_path / "out" / "scan.json").exists()
 
 
 def test_predict_with_a_planted_models_folder_is_one_line(tmp_path):
@@ -343,7 +371,7 @@ def test_load_registered_reads_the_safe_files(registry, monkeypatch):
     assert np.array_equal(models.kmeans.predict(x), local.kmeans.predict(x))
     assert np.array_equal(models.gmm.predict_proba(X), local.gmm.predict_proba(X))
     assert models.improved["classes"]["k"] == 2
-    assert models.ae1.cfg.latent == 2 and not models.ae1.training
+    assert models.autoencoder("ae1").cfg.latent == 2 and not models.ae1.training
     assert models.calibration == {"error_threshold": 0.1}
 
 

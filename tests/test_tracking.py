@@ -208,7 +208,7 @@ def test_load_registered_needs_the_prediction_config(full_store, monkeypatch):
     assert models.improved == {"state": 2}
     assert models.calibration == {"error_threshold": 0.1}
     assert models.class_names == {"-1": "unknown", "0": "dimer"}
-    assert models.ae1.cfg.latent == 2 and not models.ae1.training
+    assert models.autoencoder("ae1").cfg.latent == 2 and not models.ae1.training
 
 
 def _get(url: str, timeout: float = 5.0):

@@ -192,6 +192,9 @@ def model_bundle(models: Path | None, model_stage: str, override: Path | None = 
         raise StageError(f"{where} carries no prediction config: retrain it, or give --params FILE")
     else:
         got = bundle, PredictConfig.from_dict(stored, f"config of {where}"), {"source": where}
+    if got[1].method == "paper":    # the method that uses the autoencoders: build them now, so a
+        for key in ("ae1", "ae2"):  # checkpoint torch refuses is one error before any scan
+            bundle.autoencoder(key)
     return (*got, spec) if with_spec else got
 
 

@@ -7,16 +7,33 @@ one preprocessed image. Both methods (`paper.method`, `improved.method`) and eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+class Deferred:
+    """A model whose file is already read and verified, built on first use (`Models.autoencoder`).
+
+    The loaders hold the autoencoders this way: the default method never uses them, so a
+    prediction with it neither imports torch (2-3 s) nor builds the networks. ``build`` is a
+    picklable callable (a `functools.partial` of a module-level function) returning the model."""
+
+    __slots__ = ("build", "what")
+
+    def __init__(self, build: Callable[[], object], what: str):
+        self.build, self.what = build, what
+
+    def __repr__(self) -> str:
+        return f"Deferred({self.what})"
 
 
 @dataclass
 class Models:
     """Everything prediction needs. `calibration` holds values fitted on the training scans."""
 
-    ae1: object = None
+    ae1: object = None          # autoencoders: a torch module, or `Deferred` (use `autoencoder`)
     kmeans: object = None
     ae2: object | None = None
     gmm: object | None = None
@@ -25,6 +42,17 @@ class Models:
     class_names: dict = field(default_factory=dict)   # class id (str) -> human name
     improved: dict | None = None                      # fitted state of the improved analysis
     config: dict | None = None                        # resolved prediction config the models were built with
+
+    def autoencoder(self, key: str):
+        """The autoencoder ``key`` ("ae1" or "ae2"), built now if it was loaded `Deferred`
+        (then kept); None when the set has none."""
+        if key not in ("ae1", "ae2"):
+            raise KeyError(f"no autoencoder {key!r} in a model set (ae1, ae2)")
+        model = getattr(self, key)
+        if isinstance(model, Deferred):
+            model = model.build()
+            setattr(self, key, model)
+        return model
 
 
 @dataclass

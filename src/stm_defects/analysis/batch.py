@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,19 +139,14 @@ class ModelSpec:
         return hashlib.sha256(json.dumps(jsonable(doc), sort_keys=True).encode()).hexdigest()
 
     def load(self) -> Models:
-        """The `Models`, rebuilt from the bytes with the safe readers only."""
+        """The `Models`, rebuilt from the bytes with the safe readers only (the autoencoders
+        `Deferred`: built when a method first uses them)."""
         from stm_defects.io import safe_models
-        from stm_defects.io.model_files import AUTOENCODERS, autoencoder_from_file
+        from stm_defects.io.model_files import AUTOENCODERS, deferred_autoencoder
 
-        loaded = {}
-        with tempfile.TemporaryDirectory(prefix="stm-models-") as tmp:
-            for key, (name, data) in self.files.items():
-                if key in AUTOENCODERS:          # the checkpoint reader takes a path
-                    path = Path(tmp) / f"{key}-{name}"
-                    path.write_bytes(data)
-                    loaded[key] = autoencoder_from_file(path).eval()
-                else:
-                    loaded[key] = safe_models.loads(data, key, f"{key} {name}")
+        loaded = {key: deferred_autoencoder(data, f"{key} {name}") if key in AUTOENCODERS
+                  else safe_models.loads(data, key, f"{key} {name}")
+                  for key, (name, data) in self.files.items()}
         return Models(calibration=dict(self.calibration), versions=self.versions,
                       class_names=dict(self.class_names), config=self.config, **loaded)
 
@@ -282,14 +277,18 @@ def predict_task(models: Models, job: Job, task: Task) -> dict | Failure:
 
 def limit_threads(n: int) -> None:
     """At most ``n`` threads for torch and for the BLAS/OpenMP pools of numpy and scipy in this
-    process (one per worker, so N workers do not fight over the cores)."""
-    import torch
-
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(n)
-    except RuntimeError:        # only possible before any parallel work started
-        pass
+    process (one per worker, so N workers do not fight over the cores). Torch is not imported
+    for this: where it is not yet (the default method never needs it), the limit is left in
+    ``OMP_NUM_THREADS`` for it to take up when the `paper` method first imports it."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+    else:
+        torch.set_num_threads(n)
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:        # only possible before any parallel work started
+            pass
     try:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn
     except ImportError:  # pragma: no cover

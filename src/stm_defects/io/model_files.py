@@ -7,43 +7,62 @@ Each model folder holds its model in one file (`safe_models.MODEL_FILES`: `model
 autoencoders, `kmeans.npz`, `gmm.npz`, `improved/state.npz`) and a `manifest.json` with the
 sha256 of the files that are read back (`improved/config.json` too). Nothing is loaded from a
 folder without a manifest, or from a file whose bytes differ from it; nothing is unpickled (see
-`io.safe_models`), and the checkpoints are read with `torch.load(weights_only=True)`.
+`io.safe_models`), and the checkpoints are read with `torch.load(weights_only=True)`, when a method
+first uses them.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
+from functools import partial
 from pathlib import Path
 
 from stm_defects.io import safe_models
 from stm_defects.io.files import read_json
 from stm_defects.io.safe_models import MANIFEST, MODEL_FILES, ModelFileError, read_verified
-from stm_defects.results import Models
+from stm_defects.results import Deferred, Models
 
 AUTOENCODERS = ("ae1", "ae2")
 
 
-def autoencoder_from_file(path: str | Path):
-    """The autoencoder in checkpoint `path` (weights only), with no hash check: callers verify
-    the file first. A file that is not a checkpoint is a ModelFileError."""
+def autoencoder_from_bytes(data: bytes, where: str):
+    """The autoencoder in checkpoint bytes ``data`` (weights only, eval mode), with no hash check:
+    callers verify the bytes first. Bytes that are not a checkpoint are a ModelFileError naming
+    ``where``."""
     from stm_defects.models.autoencoder import load_checkpoint
 
     try:
-        model, _ = load_checkpoint(path)
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such checkpoint") from None
+        model, _ = load_checkpoint(data)
     except Exception as err:  # noqa: BLE001 - truncated zips, foreign pickles, wrong keys: one refusal
         reason = str(err).splitlines()[0].split(". ")[0][:160] if str(err) else type(err).__name__
-        raise ModelFileError(f"{path}: not a readable autoencoder checkpoint ({reason})") from None
-    return model
+        raise ModelFileError(f"{where}: not a readable autoencoder checkpoint ({reason})") from None
+    return model.eval()
+
+
+def autoencoder_from_file(path: str | Path):
+    """The autoencoder in checkpoint `path`, with no hash check (see `autoencoder_from_bytes`)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such checkpoint") from None
+    return autoencoder_from_bytes(data, str(path))
+
+
+def deferred_autoencoder(data: bytes, where: str) -> Deferred:
+    """The autoencoder of verified checkpoint bytes, built (and torch imported) on first use.
+    Bytes that are not even a zip archive (what `torch.save` writes) are refused now."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise ModelFileError(f"{where}: not a readable autoencoder checkpoint (not a torch zip archive)")
+    return Deferred(partial(autoencoder_from_bytes, data, where), where)
 
 
 def load_autoencoder(path: str | Path):
     """The autoencoder of checkpoint `path` (`<folder>/model.pt`), verified against
     `<folder>/manifest.json`."""
     path = Path(path)
-    read_verified(path.parent, path.name)
-    return autoencoder_from_file(path)
+    return autoencoder_from_bytes(read_verified(path.parent, path.name), str(path))
 
 
 def load_model(folder: str | Path, key: str):
@@ -56,16 +75,26 @@ def load_model(folder: str | Path, key: str):
     return safe_models.loads(read_verified(folder, name), key, str(folder / name))
 
 
+def _deferred_model(folder: Path, key: str):
+    """`load_model`, with an autoencoder read and verified now but built on first use."""
+    if key in AUTOENCODERS:
+        return deferred_autoencoder(read_verified(folder, MODEL_FILES[key]), str(folder / MODEL_FILES[key]))
+    return load_model(folder, key)
+
+
 def load_models(models_dir: str | Path, calibration_path: str | Path | None = None,
                 stage2: bool = True) -> Models:
     """Load `<models_dir>/{ae1,kmeans}` (and `ae2`, `gmm` with `stage2`, `improved` when present).
+
+    The autoencoders' files are verified now and the networks built when a method first asks
+    for them (`results.Models.autoencoder`): the default method never does, and skips torch.
 
     `improved/` is optional, but a folder that is there must be complete (have its manifest).
     The prediction config is `config.json` in the folder when present, else the verified
     `improved/config.json` (the config the models were built and evaluated with).
     """
     d = Path(models_dir)
-    models = Models(ae1=load_model(d / "ae1", "ae1"), kmeans=load_model(d / "kmeans", "kmeans"),
+    models = Models(ae1=_deferred_model(d / "ae1", "ae1"), kmeans=load_model(d / "kmeans", "kmeans"),
                     versions={"ae1": str(d / "ae1"), "kmeans": str(d / "kmeans")})
     calibration_path = Path(calibration_path or d / "calibration.json")
     if calibration_path.is_file():
@@ -80,7 +109,7 @@ def load_models(models_dir: str | Path, calibration_path: str | Path | None = No
             except ValueError as err:
                 raise ModelFileError(f"{improved / 'config.json'}: not JSON ({err})") from None
     if stage2:
-        models.ae2 = load_model(d / "ae2", "ae2")
+        models.ae2 = _deferred_model(d / "ae2", "ae2")
         models.gmm = load_model(d / "gmm", "gmm")
         models.versions |= {"ae2": str(d / "ae2"), "gmm": str(d / "gmm")}
     if (d / "config.json").is_file():
@@ -88,4 +117,4 @@ def load_models(models_dir: str | Path, calibration_path: str | Path | None = No
     return models
 
 
-__all__ = ["MANIFEST", "autoencoder_from_file", "load_autoencoder", "load_model", "load_models"]
+__all__ = ["MANIFEST", "autoencoder_from_bytes", "autoencoder_from_file", "deferred_autoencoder", "load_autoencoder", "load_model", "load_models"]

@@ -1058,13 +1058,13 @@ def _check_file_tags(key: str, mv) -> None:
 
 
 def _model_from(key: str, path: Path, data: bytes, where: str):
-    """The model in verified file bytes `data` (also at `path`, for the checkpoint reader):
-    checkpoints with `torch.load(weights_only=True)`, the rest with the safe `.npz` reader."""
+    """The model in verified file bytes `data` (stored at `path`): checkpoints `Deferred`, built
+    with `torch.load(weights_only=True)` on first use; the rest with the safe `.npz` reader."""
     from stm_defects.io import safe_models
-    from stm_defects.io.model_files import AUTOENCODERS, autoencoder_from_file
+    from stm_defects.io.model_files import AUTOENCODERS, deferred_autoencoder
 
     if key in AUTOENCODERS:
-        return autoencoder_from_file(path).eval()
+        return deferred_autoencoder(data, f"{where} {safe_models.MODEL_FILES[key]}")
     return safe_models.loads(data, key, f"{where} {safe_models.MODEL_FILES[key]}")
 
 
@@ -1199,7 +1199,7 @@ def _registered_models(alias: str, mvs: dict, loaded: dict):
     config = json.loads(tags["improved"]["config"])
     classifier = "improved" if config.get("method", "improved") == "improved" else "gmm"
     class_names = {"-1": "unknown", **json.loads(tags[classifier].get("class_names", "{}"))}
-    return Models(ae1=loaded["ae1"].eval(), kmeans=loaded["kmeans"], ae2=loaded["ae2"].eval(),
+    return Models(ae1=loaded["ae1"], kmeans=loaded["kmeans"], ae2=loaded["ae2"],
                   gmm=loaded["gmm"], calibration=calibration, versions=versions, class_names=class_names,
                   improved=loaded.get("improved"), config=config)
 

@@ -28,6 +28,7 @@ running-statistics buffer entries: the same network.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -296,17 +297,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, extra: dict[str, Any] | 
 
 
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
+    path: str | Path | bytes, map_location: str | torch.device = "cpu"
 ) -> tuple[ConvAutoencoder, dict[str, Any]]:
-    """Rebuild a model from a checkpoint file alone.
+    """Rebuild a model from a checkpoint file alone (a path, or the file's bytes).
 
     Returns ``(model, extra)``; the model is in eval mode on ``map_location``
     and ``extra`` holds every non-reserved key plus ``"version"`` and
     ``"config"``.
     """
-    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    source = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
+    payload = torch.load(source, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
-        raise ValueError(f"{path} is not an stm_defects autoencoder checkpoint")
+        raise ValueError("not an stm_defects autoencoder checkpoint")
     version = payload.get("version")
     if version != CHECKPOINT_VERSION:
         raise ValueError(f"unsupported checkpoint version {version!r} (expected {CHECKPOINT_VERSION})")

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stm_defects.image.windows import vote_map, windows_at
-from stm_defects.models.training import encode, reconstruct, resolve_device
 from stm_defects.paper.maps import character_map, error_map
 from stm_defects.paper.masks import MaskConfig, defect_mask, defect_regions, mask_centres, threshold_value
 from stm_defects.results import Analysis, Models
@@ -78,17 +77,20 @@ def calibrate(emaps: list[np.ndarray], cluster_fractions, threshold, target_max_
 
 def stage1_maps(img01: np.ndarray, models: Models, cfg: PaperConfig) -> tuple[np.ndarray, np.ndarray]:
     """(character map, error map) of one image."""
+    from stm_defects.models.training import encode, reconstruct, resolve_device  # torch: on first use
+
     size, maps = cfg.patch, cfg.maps
+    ae1 = models.autoencoder("ae1")
     windows_fn = None
     if maps.dense and resolve_device("auto").type == "cpu":    # on a GPU, window by window is faster
         from functools import partial
 
         from stm_defects.models.dense import encode_windows
 
-        windows_fn = partial(encode_windows, models.ae1, size=size)     # (img, origins) -> latents
-    cmap, _, _ = character_map(img01, lambda p: encode(models.ae1, p), models.kmeans, size=size,
+        windows_fn = partial(encode_windows, ae1, size=size)     # (img, origins) -> latents
+    cmap, _, _ = character_map(img01, lambda p: encode(ae1, p), models.kmeans, size=size,
                                stride=maps.char_stride, encode_windows_fn=windows_fn)
-    emap = error_map(img01, lambda p: reconstruct(models.ae1, p), size=size,
+    emap = error_map(img01, lambda p: reconstruct(ae1, p), size=size,
                      stride=maps.error_stride, sigma=maps.error_sigma)
     return cmap, emap
 
@@ -120,7 +122,9 @@ def classify_regions(img01, mask, regions, models: Models, cfg: PaperConfig) -> 
         extra_p, _ = windows_at(img01, extra, cfg.patch)
         patches = np.concatenate([patches, extra_p])
         centres = np.concatenate([centres.reshape(-1, 2), extra])
-    proba = models.gmm.predict_proba(encode(models.ae2, patches))           # (M, k)
+    from stm_defects.models.training import encode
+
+    proba = models.gmm.predict_proba(encode(models.autoencoder("ae2"), patches))   # (M, k)
     owner = lab[centres[:, 0], centres[:, 1]]                               # region label per patch
     out = []
     for r, key in zip(regions, keys):
