@@ -553,6 +553,20 @@ def is_all_directions(direction: str | None) -> bool:
     return direction is not None and direction.strip().lower() == "all"
 
 
+def _import_report_meanwhile() -> None:
+    """Import what the report needs at the end (matplotlib: 0.5-1 s) in a thread, while this
+    process only waits for workers; the import lock makes a later import wait for it."""
+    import threading
+
+    def imports() -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+
+    threading.Thread(target=imports, name="import-report", daemon=True).start()
+
+
 def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direction, calibration, max_pixels,
                    *, workers: int = 1, force: bool = False, engine: str = "local",
                    ray_address: str | None = None) -> None:
@@ -602,8 +616,10 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
         if engine == "ray" and tasks:
             from stm_defects.mlops.ray_engine import predict_with_ray
 
+            _import_report_meanwhile()
             predict_with_ray(tasks, spec, job, workers, on_result, address=ray_address)
         elif workers > 1 and len(tasks) > 1:
+            _import_report_meanwhile()
             batch.run_pool(tasks, spec, job, min(workers, len(tasks)), on_result)
         else:
             for task in tasks:
