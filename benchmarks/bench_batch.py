@@ -20,8 +20,9 @@ two folders give the same files byte for byte.
 Cache: the model files of MODELS are registered in a temporary MLflow store and promoted; a fresh
 process loads the Production set with an empty cache (cold: MLflow, download, verify, fill the
 cache), then fresh processes load it again (warm: SQLite read-only and the cache, no MLflow). Both
-time `load_registered_files` after importing what prediction imports anyway (torch, scikit-learn,
-scipy, scikit-image: `stm_defects.analysis.predict`; their time is shown apart) and say whether
+time `load_registered_files` after importing what prediction imports anyway (scikit-learn, scipy,
+scikit-image: `stm_defects.analysis.predict`; their time is shown apart; the autoencoders are
+verified, and built only by the `paper` method) and say whether
 MLflow was imported. The check fails when the warm load takes more than ``--warm-limit`` s.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +40,13 @@ def test_a_default_method_prediction_does_not_import_torch(tmp_path):
     assert "torch after predict: False" in out, out
     assert "torch after building ae1: True" in out, out       # the check can see torch
     assert (tmp_path / "out" / "scan.json").is_file()
+
+
+def test_nor_with_a_params_file(tmp_path):
+    """Reading a params.yaml builds every section, the autoencoders' settings too (plain
+    dataclasses in `models.configs`)."""
+    out = _run(tmp_path, "--params", str(Path(__file__).resolve().parents[1] / "params.yaml"))
+    assert "torch after predict: False" in out, out
 
 
 _WORKER = """

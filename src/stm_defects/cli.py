@@ -559,10 +559,13 @@ def _import_report_meanwhile() -> None:
     import threading
 
     def imports() -> None:
-        import matplotlib
+        try:
+            import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except Exception:  # noqa: BLE001 - the report's own import says what is wrong, in one line
+            pass
 
     threading.Thread(target=imports, name="import-report", daemon=True).start()
 

@@ -204,8 +204,7 @@ def section_types() -> dict[str, type]:
     from stm_defects.data.synth import SynthConfig
     from stm_defects.image.preprocess import PreprocessConfig
     from stm_defects.improved.method import ImprovedConfig
-    from stm_defects.models import AEConfig
-    from stm_defects.models.training import TrainConfig
+    from stm_defects.models.configs import AEConfig, TrainConfig
     from stm_defects.paper.masks import MaskConfig
     from stm_defects.paper.method import DefectPatchConfig, MapsConfig
 

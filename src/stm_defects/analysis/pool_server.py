@@ -2,9 +2,11 @@
 command knows it has more than one scan, that imports what a worker needs while the command
 itself imports and loads the models.
 
-Importing the scientific stack takes several seconds (torch, scikit-learn, scikit-image,
-matplotlib). A spawned worker pays it again, after the command has paid it; a worker forked from
-this server inherits the imports and starts in milliseconds. The server is a fresh interpreter
+Importing the scientific stack takes several seconds (scikit-learn, scikit-image, scipy). A
+spawned worker pays it again, after the command has paid it; a worker forked from this server
+inherits the imports and starts in milliseconds. Torch is not among them: the default method
+never uses it, and with the `paper` method each worker imports it itself when it first builds
+the autoencoders (about 2 s, once per worker). The server is a fresh interpreter
 that has run nothing but those imports (no thread pool of torch or OpenMP has started, so none
 is lost in a fork). This module imports nothing but the standard library, so starting the server
 costs the command nothing.

@@ -41,15 +41,6 @@ def autoencoder_from_bytes(data: bytes, where: str):
     return model.eval()
 
 
-def autoencoder_from_file(path: str | Path):
-    """The autoencoder in checkpoint `path`, with no hash check (see `autoencoder_from_bytes`)."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such checkpoint") from None
-    return autoencoder_from_bytes(data, str(path))
-
-
 def deferred_autoencoder(data: bytes, where: str) -> Deferred:
     """The autoencoder of verified checkpoint bytes, built (and torch imported) on first use.
     Bytes that are not even a zip archive (what `torch.save` writes) are refused now."""
@@ -117,4 +108,4 @@ def load_models(models_dir: str | Path, calibration_path: str | Path | None = No
     return models
 
 
-__all__ = ["MANIFEST", "autoencoder_from_bytes", "autoencoder_from_file", "deferred_autoencoder", "load_autoencoder", "load_model", "load_models"]
+__all__ = ["MANIFEST", "autoencoder_from_bytes", "deferred_autoencoder", "load_autoencoder", "load_model", "load_models"]

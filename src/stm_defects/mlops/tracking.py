@@ -1057,8 +1057,8 @@ def _check_file_tags(key: str, mv) -> None:
         raise TrackingError(f"{where}: no valid sha256 tag, so {file} cannot be verified; refusing to load it")
 
 
-def _model_from(key: str, path: Path, data: bytes, where: str):
-    """The model in verified file bytes `data` (stored at `path`): checkpoints `Deferred`, built
+def _model_from(key: str, data: bytes, where: str):
+    """The model in verified file bytes `data`: checkpoints `Deferred`, built
     with `torch.load(weights_only=True)` on first use; the rest with the safe `.npz` reader."""
     from stm_defects.io import safe_models
     from stm_defects.io.model_files import AUTOENCODERS, deferred_autoencoder
@@ -1072,7 +1072,7 @@ def _load_version(key: str, mv, dst: Path):
     """Model `key` of registry version `mv`: download its one file, check the sha256 tag, load it
     without pickle (see `_download_verified`, `_model_from`)."""
     local, data = _download_verified(key, mv, dst)
-    return _model_from(key, local, data, f"{mv.name} v{mv.version}")
+    return _model_from(key, data, f"{mv.name} v{mv.version}")
 
 
 # ------------------------------------------------------------------------------ model cache
@@ -1233,8 +1233,8 @@ def _load_warm(alias: str, cache: Path):
         if hit is None:
             return None
         hits[key] = hit
-    loaded = {key: _model_from(key, path, data, f"{mvs[key].name} v{mvs[key].version}")
-              for key, (path, data) in hits.items()}
+    loaded = {key: _model_from(key, data, f"{mvs[key].name} v{mvs[key].version}")
+              for key, (_, data) in hits.items()}
     files = {key: (MODEL_FILES[key], data) for key, (_, data) in hits.items()}
     log.debug("model set of %s loaded from the cache %s", alias, cache)
     return _registered_models(alias, mvs, loaded), files
@@ -1268,7 +1268,7 @@ def load_registered_files(stage: str = "Production", experiment: str = "stm-defe
     with tempfile.TemporaryDirectory(prefix="stm-registry-") as tmp:
         for key, mv in mvs.items():
             local, data = _download_verified(key, mv, Path(tmp) / key)
-            loaded[key] = _model_from(key, local, data, f"{mv.name} v{mv.version}")
+            loaded[key] = _model_from(key, data, f"{mv.name} v{mv.version}")
             files[key] = (MODEL_FILES[key], data)
             if cache_dir is not None:
                 _cache_put(cache_dir, mv.tags["sha256"], MODEL_FILES[key], data)

@@ -22,6 +22,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "AEConfig":          # a plain dataclass: no torch needed
+        return importlib.import_module(".configs", __name__).AEConfig
     if name in __all__:
         return getattr(importlib.import_module(".autoencoder", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from stm_defects.models.configs import AEConfig
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -51,89 +53,6 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 1
-
-
-def _check_keys(cls: type, d: Mapping[str, Any]) -> None:
-    if not isinstance(d, Mapping):
-        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} key(s): {', '.join(map(repr, unknown))}; "
-            f"allowed keys: {', '.join(sorted(known))}"
-        )
-
-
-@dataclass(frozen=True)
-class AEConfig:
-    """Architecture of a :class:`ConvAutoencoder`.
-
-    widths: encoder conv widths; the decoder mirrors them (reversed, the last
-        conv maps to 1 channel).
-    kernels: kernel size of each encoder conv (odd); the decoder conv of the
-        same width uses the same kernel, the final 1-channel conv uses 3x3.
-    encoder_norm: whether BN+ReLU follows each encoder conv (paper AE1: the
-        last encoder conv has neither).
-    latent: latent dimension.
-    hidden: optional dense layer between flatten and latent, mirrored in the
-        decoder (paper AE2: 256).
-    dropout: dropout rate (encoder after the last pooling, decoder after the
-        first conv block).
-    patch: input side length; must be divisible by 2 ** len(widths).
-    """
-
-    widths: tuple[int, ...] = (16, 32, 64)
-    kernels: tuple[int, ...] = (3, 3, 3)
-    encoder_norm: tuple[bool, ...] = (True, True, False)
-    latent: int = 32
-    hidden: int | None = None
-    dropout: float = 0.25
-    patch: int = 32
-
-    def __post_init__(self) -> None:
-        # normalise sequences (e.g. lists from YAML/JSON/checkpoints) to tuples
-        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
-        object.__setattr__(self, "encoder_norm", tuple(bool(b) for b in self.encoder_norm))
-        n = len(self.widths)
-        if n == 0:
-            raise ValueError("widths must not be empty")
-        if len(self.kernels) != n or len(self.encoder_norm) != n:
-            raise ValueError(
-                f"widths, kernels and encoder_norm must have the same length, got "
-                f"{n}, {len(self.kernels)}, {len(self.encoder_norm)}"
-            )
-        if any(w < 1 for w in self.widths):
-            raise ValueError(f"widths must be positive, got {self.widths}")
-        if any(k < 1 or k % 2 == 0 for k in self.kernels):
-            raise ValueError(f"kernels must be odd positive integers, got {self.kernels}")
-        if self.latent < 1:
-            raise ValueError(f"latent must be positive, got {self.latent}")
-        if self.hidden is not None and int(self.hidden) < 1:
-            raise ValueError(f"hidden must be positive or None, got {self.hidden}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.patch < 1 or self.patch % (2**n) != 0:
-            raise ValueError(f"patch ({self.patch}) must be divisible by 2**len(widths) = {2**n}")
-
-    @property
-    def bottleneck(self) -> int:
-        """Side length of the feature map before flattening."""
-        return self.patch // 2 ** len(self.widths)
-
-    @property
-    def flat_features(self) -> int:
-        return self.widths[-1] * self.bottleneck**2
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AEConfig:
-        """Build from a mapping; unknown keys raise ``ValueError``."""
-        _check_keys(cls, d)
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class SeededDropout(nn.Dropout):

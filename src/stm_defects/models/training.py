@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from torch import nn
 
 from stm_defects.models import distributed as ddp
 from stm_defects.models.autoencoder import set_dropout_generator
+from stm_defects.models.configs import TrainConfig
 
 __all__ = [
     "History",
@@ -50,76 +51,6 @@ __all__ = [
 
 OnEpoch = Callable[[int, float, float, float], None]
 ShouldStop = Callable[[int, float], bool]
-
-_AUGMENTS = ("none", "d4")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training hyper-parameters.
-
-    early_stopping_patience: stop after this many epochs without a val-loss
-        improvement (0 disables); the best weights are always restored at the end.
-    lr_patience / lr_factor / min_lr: ``ReduceLROnPlateau`` on the val loss.
-    device: ``"auto"`` (CUDA if available, else CPU) or any torch device string.
-    bf16: bf16 autocast (CPU; CUDA only when the GPU supports bf16). Off by
-        default: it does not change the reconstruction MSE measurably, but on
-        CPUs without native bf16 (AVX2-only, like the development machine) it
-        is 7-16x *slower* than fp32 (benchmarks/bench_autoencoder.py). Worth
-        enabling on GPUs and on CPUs with AVX512-BF16/AMX.
-    channels_last: NHWC memory format for model and batches; on CPU (oneDNN)
-        this alone gives a ~1.7-6x training speed-up over NCHW fp32.
-    augment: ``"none"`` or ``"d4"`` (random rotation by k*90 degrees and
-        flip, drawn independently for each patch of each batch).
-    """
-
-    epochs: int = 12
-    batch_size: int = 256
-    lr: float = 1e-3
-    val_fraction: float = 0.1
-    early_stopping_patience: int = 4
-    lr_patience: int = 2
-    lr_factor: float = 0.5
-    min_lr: float = 1e-5
-    device: str = "auto"
-    bf16: bool = False
-    channels_last: bool = True
-    augment: str = "none"
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.early_stopping_patience < 0 or self.lr_patience < 0:
-            raise ValueError("patience values must be >= 0")
-        if not 0.0 < self.lr_factor < 1.0:
-            raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
-        if self.min_lr < 0:
-            raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
-        if self.augment not in _AUGMENTS:
-            raise ValueError(f"augment must be one of {_AUGMENTS}, got {self.augment!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys raise ``ValueError``."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"TrainConfig.from_dict expects a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown TrainConfig key(s): {', '.join(map(repr, unknown))}; "
-                f"allowed keys: {', '.join(sorted(known))}"
-            )
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
