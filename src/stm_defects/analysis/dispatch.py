@@ -25,7 +25,8 @@ METHODS = ("improved", "paper")
 # Settings added after models were first registered, with the value that gives the results an
 # older model's stored config was evaluated with: a config without the key gets that value,
 # not today's default, so a registered version predicts as it did.
-ADDED_LATER = {("improved", "anomaly", "halo_distance"): 0.0, ("improved", "classify", "split_min"): 0}
+ADDED_LATER = {("improved", "anomaly", "halo_distance"): 0.0, ("improved", "classify", "split_min"): 0,
+               ("improved", "anomaly", "step_lattice_periods"): 0.0}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@
    hit by tip changes and feedback ringing); each gets the region of score > ``low_threshold``
    around it and a score-weighted centre; a peak surrounded by a ring of the opposite sign
    (a charged defect's core and its screening halo) is one defect with the ring's peaks.
+   No defect is looked for within ``step_lattice_periods`` lattice periods of a step line: each
+   terrace carries the lattice with its own phase, and a notch, which removes the lattice of
+   the whole scan, leaves a wall of lattice-like residual along every step.
 
 Everything is deterministic; no randomness, no I/O.
 """
@@ -41,7 +44,7 @@ from stm_defects.improved.steps import (
     terrace_background,
 )
 
-__all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "score_map", "score_maps",
+__all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "lattice_period", "score_map", "score_maps",
            "terrace_levelled"]
 
 
@@ -72,6 +75,10 @@ class AnomalyConfig:
     centre_radius: int = 6               # px, window of the score-weighted centre
     row_median: bool = False             # remove what is left of scan-line offsets from the residual
     border: int = 8                      # px ignored at the image border
+    step_lattice_periods: float = 1.0    # no defect is looked for within this many lattice periods
+                                         # of a step line (`lattice_period`): the lattice's phase
+                                         # changes across a step and the notch leaves a wall of
+                                         # residual there; 0: only the step band is left out
     profile_dist: int = 14               # px, step-profile correction beside the step lines
     profile_tile: int = 32               # px, length of the step pieces of that correction
 
@@ -135,6 +142,18 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     del full
     lat = r - clean
     return clean, lat.astype(np.float32, copy=False)
+
+
+def lattice_period(lat: np.ndarray, min_freq: float) -> float | None:
+    """The period (px) of the strongest spectral peak of a removed lattice (`lattice_notch`'s
+    second output) beyond ``min_freq``; None when nothing was removed."""
+    if not np.any(lat):
+        return None
+    P = np.abs(sfft.rfft2(lat - np.float32(lat.mean(dtype=np.float64))))
+    f = np.hypot(np.fft.fftfreq(lat.shape[0])[:, None], np.fft.rfftfreq(lat.shape[1])[None, :])
+    P[f < min_freq] = 0.0
+    i = np.unravel_index(int(np.argmax(P)), P.shape)
+    return 1.0 / float(f[i]) if P[i] > 0 else None
 
 
 def dilate_sparse(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -310,6 +329,10 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
         r[missing] = 0.0
     clean, lat = lattice_notch(r, cfg)
     del r
+    if cfg.step_lattice_periods > 0 and terr.n > 1:
+        period = lattice_period(lat, cfg.min_freq)
+        if period is not None:
+            valid &= ~(terr.dist <= cfg.step_lattice_periods * period)
     clean -= step_profile(clean, terr, None, cfg.profile_dist, cfg.profile_tile)
     # second pass: background and step profile without the defects found by a first score
     s0 = score_map(clean, valid, cfg.scales)
