@@ -6,8 +6,6 @@ plane fit, the selection-network scar median, slice-based block means and upsamp
 notch dilation, a sort-based NaN median and k-d-tree region owners), on six fixed synthetic scans
 (`benchmarks/fast_path_reference.py` writes it, with the improved state it used beside it). The
 current code must find >= 99% of those defects within 1 px, one to one, with the same classes.
-The file was written again with the code that added `step_lattice_periods`, which changed the
-results on purpose (one detection beside a step of the WSe2 scan, a class on the 7x7 one).
 
 A change of the default method's results (params.yaml's `improved` or `preprocess` sections,
 the synthetic generators) changes these scans' detections on purpose: then regenerate the file

@@ -1,6 +1,7 @@
 """Each terrace carries the lattice with its own phase, so the scan-wide notch leaves a wall of
 lattice-like residual along every step: no defect is looked for within
-`AnomalyConfig.step_lattice_periods` lattice periods of a step line (`anomaly.lattice_period`)."""
+`AnomalyConfig.step_lattice_periods` lattice periods of a step line (`anomaly.lattice_period`);
+the noise is still estimated there."""
 from __future__ import annotations
 
 import dataclasses
