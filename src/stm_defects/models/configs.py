@@ -149,15 +149,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """Build from a mapping; unknown keys raise ``ValueError``."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"TrainConfig.from_dict expects a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown TrainConfig key(s): {', '.join(map(repr, unknown))}; "
-                f"allowed keys: {', '.join(sorted(known))}"
-            )
+        _check_keys(cls, d)
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:
