@@ -330,11 +330,11 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
         r[missing] = 0.0
     clean, lat = lattice_notch(r, cfg)
     del r
-    wall = None         # beside the steps: not searched (the noise is still estimated there)
+    wall = None         # px beside the steps not searched (the noise is still estimated there)
     if cfg.step_lattice_periods > 0 and terr.n > 1:
         period = lattice_period(lat, cfg.min_freq)
         if period is not None:
-            wall = terr.dist <= cfg.step_lattice_periods * period
+            wall = cfg.step_lattice_periods * period
     clean -= step_profile(clean, terr, None, cfg.profile_dist, cfg.profile_tile)
     # second pass: background and step profile without the defects found by a first score
     s0 = score_map(clean, valid, cfg.scales)
@@ -362,7 +362,7 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
     if len(pk):
         pk = pk[valid[pk[:, 0], pk[:, 1]]]
     if len(pk) and wall is not None:
-        pk = pk[~wall[pk[:, 0], pk[:, 1]]]
+        pk = pk[terr.dist[pk[:, 0], pk[:, 1]] > wall]
     if len(pk) and ratio is not None:   # ... and above the threshold of its own scan lines
         pk = pk[score[pk[:, 0], pk[:, 1]] >= cfg.threshold * ratio[pk[:, 0], pk[:, 1]]]
     del ratio
