@@ -4,10 +4,12 @@ one kind, is not (`improved.classify`, "Split")."""
 import dataclasses
 
 import numpy as np
+import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from stm_defects.improved.classify import ClassifyConfig, _features, _splits, classify_patches, fit_classes
 from stm_defects.io import safe_models
+from stm_defects.schema import ConfigError
 
 P = 15
 YY, XX = np.mgrid[0:P, 0:P] - 7.0
@@ -40,12 +42,41 @@ def test_a_class_of_dots_and_bars_is_split_into_them():
 def test_one_kind_in_two_poses_or_alone_is_not_split():
     rng = np.random.default_rng(1)
     one = _noisy(ASYM, 300, rng)
-    assert _split_of(one) == []                                   # one kind: one Gaussian is enough
     poses = one.copy()
     poses[::2] = poses[::2, ::-1, :]                              # half of them mirrored across the rows
-    assert _split_of(poses, dataclasses.replace(CFG, split_max_flip=1.0)), \
-        "two mirror poses are two clusters in the class's own components"
-    assert _split_of(poses) == [], "... but flipping moves them from one part to the other: not two kinds"
+    for how in ("symmetric", "canonical"):
+        cfg = dataclasses.replace(CFG, split_features=how)
+        assert _split_of(one, cfg) == [], how                     # one kind: one Gaussian is enough
+        assert _split_of(poses, cfg) == [], how
+    canonical = dataclasses.replace(CFG, split_features="canonical")
+    assert _split_of(poses, dataclasses.replace(canonical, split_max_flip=1.0)), \
+        "two mirror poses are two clusters in the class's own canonical components"
+    # ... which "canonical" refuses because flipping moves them from one part to the other, and
+    # "symmetric" never sees: the flip-averaged patches of both poses are the same
+    assert _split_of(poses, dataclasses.replace(CFG, split_max_flip=1.0)) == []
+
+
+def test_two_kinds_in_mirror_poses_are_split_by_kind():
+    """Off-centre dots and bars (a dangling bond on one side of its row, an adsorbate in the
+    trough), each in both mirror poses: the class's own canonical components split it by pose,
+    which the flip rule refuses, so "canonical" keeps the two kinds together; the flip-averaged
+    patches split it into dots and bars."""
+    rng = np.random.default_rng(4)
+    dot = np.exp(-(XX ** 2 + (YY - 2.5) ** 2) / (2 * 1.6 ** 2))
+    bar = np.exp(-((XX / 4.5) ** 4) - (YY - 2.5) ** 2 / (2 * 1.2 ** 2))
+    p = np.concatenate([_noisy(dot, 150, rng, 0.2), _noisy(bar, 150, rng, 0.2)])
+    p[1::2] = p[1::2, ::-1, :]
+    truth = np.repeat([0, 1], 150)
+    assert _split_of(p, dataclasses.replace(CFG, split_features="canonical")) == []
+    splits = _split_of(p)
+    assert len(splits) == 1 and splits[0]["features"] == "symmetric"
+    state = {"pca_mean": np.zeros(P * P), "pca_components": np.eye(2, P * P), "pca_scale": np.ones(2)}
+    from sklearn.mixture import GaussianMixture
+    one = GaussianMixture(1, random_state=0).fit(np.zeros((4, 2)) + rng.standard_normal((4, 2)))
+    state.update({"gmm": one, "component_class": np.array([0]), "n_classes": 2, "n_base_classes": 1,
+                  "splits": splits, "loglik_threshold": -np.inf})
+    got = classify_patches(state, p)["nearest"]
+    assert adjusted_rand_score(truth, got) > 0.9
 
 
 def test_fit_classes_splits_the_class_that_holds_two_kinds_and_split_min_0_turns_it_off():
@@ -84,3 +115,35 @@ def test_a_state_fitted_before_splits_classifies_as_it_did():
     stored = PredictConfig().to_dict()
     del stored["improved"]["classify"]["split_min"]
     assert PredictConfig.from_dict(stored).improved.classify.split_min == 0
+
+
+def test_a_split_fitted_before_split_features_predicts_on_canonical_patches():
+    """A stored config without ``split_features`` fits canonical splits, and a stored split
+    without ``features`` (fitted by an older release) is applied to canonical patches."""
+    from stm_defects.analysis.dispatch import PredictConfig
+
+    stored = PredictConfig().to_dict()
+    del stored["improved"]["classify"]["split_features"]
+    assert PredictConfig.from_dict(stored).improved.classify.split_features == "canonical"
+    rng = np.random.default_rng(2)
+    big = np.exp(-(XX ** 2 + YY ** 2) / (2 * 4.0 ** 2))
+    p = np.concatenate([_noisy(k, 150, rng) for k in (6 * big, -6 * big, DOT, BAR)])
+    cfg = dataclasses.replace(CFG, k_range=(3, 3), split_features="canonical")
+    state = fit_classes(p, cfg, seed=0)
+    assert [sp["features"] for sp in state["splits"]] == ["canonical"]
+    old = dict(state, splits=[{k: v for k, v in sp.items() if k != "features"} for sp in state["splits"]])
+    assert np.array_equal(classify_patches(old, p)["label"], classify_patches(state, p)["label"])
+    with pytest.raises(ConfigError, match="split_features"):
+        ClassifyConfig(split_features="mirror")
+
+
+def test_one_kind_whose_shape_varies_continuously_is_not_split():
+    """Many dots of widths spread evenly over a factor of two: no Gaussian in the class's own
+    components, so two fit better by BIC, but their parts overlap; two kinds do not."""
+    rng = np.random.default_rng(5)
+    widths = rng.uniform(1.2, 2.4, 800)
+    p = np.stack([np.exp(-(XX ** 2 + YY ** 2) / (2 * w ** 2)) for w in widths])
+    p = (p + 0.12 * rng.standard_normal(p.shape)).astype(np.float32)
+    assert _split_of(p, dataclasses.replace(CFG, split_max_overlap=CFG.merge_overlap)), \
+        "two Gaussians fit it better, with parts that overlap as much as the merge rule allows"
+    assert _split_of(p) == []

@@ -26,7 +26,8 @@ METHODS = ("improved", "paper")
 # older model's stored config was evaluated with: a config without the key gets that value,
 # not today's default, so a registered version predicts as it did.
 ADDED_LATER = {("improved", "anomaly", "halo_distance"): 0.0, ("improved", "classify", "split_min"): 0,
-               ("improved", "anomaly", "step_lattice_periods"): 0.0}
+               ("improved", "anomaly", "step_lattice_periods"): 0.0,
+               ("improved", "classify", "split_features"): "canonical"}
 
 
 @dataclass(frozen=True)

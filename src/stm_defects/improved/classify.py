@@ -20,11 +20,23 @@ clusters against small dots), so two kinds that differ in a finer way (a round d
 and an adsorbate bar, under noise) can share one component.  So each class of at least
 ``split_min`` training defects is looked at in its own principal components: it is split in
 two when a two-component mixture there has a lower BIC than one Gaussian, each part holds at
-least ``split_min_share`` of the class, the parts do not overlap by the rule that merges
-components (mean cross-posterior < ``merge_overlap``), and the split is one of kinds, not of
-poses: flipping the class's patches along or across the rows (their canonical flip is a
-guess where a first moment is near zero) moves at most ``split_max_flip`` of them from one
-part to the other.  ``split_min`` 0: never.
+least ``split_min_share`` of the class, and the parts do not overlap by the rule that merges
+components (mean cross-posterior < ``merge_overlap``).  ``split_min`` 0: never.
+
+The split is to be one of kinds, not of poses: a canonical flip is a guess where a first
+moment is near zero, so one kind comes in mirror poses, and those are the clearest two clusters
+a class's own components show.  With ``split_features`` "symmetric" the class is looked at in
+its patches averaged over the four flips along and across the rows, which are the same for
+every pose of a defect, so only a difference of shape (round or long, one blob or two) can
+split it, and its parts must overlap less than ``split_max_overlap`` (mean cross-posterior),
+a stricter rule than the merge's: a large class of one kind whose shape varies continuously
+(dangling bonds of different widths) is no Gaussian either, and two Gaussians fit it better
+by BIC, but their parts overlap (0.08-0.10 where two kinds gave 0.02 on the Si(001) splits).
+With "canonical" (the earlier rule) the canonical patches are used, parts may overlap up to
+``merge_overlap``, and a split is refused when flipping the class's patches moves more than
+``split_max_flip`` of them from one part to the other; under noise that refusal also turned
+down the split of dangling bonds from adsorbates, whose two-part mixture in canonical patches
+follows poses.
 
 All randomness comes from the ``seed`` argument; the fitted state is a plain dict of numpy
 arrays and numbers (and GaussianMixtures: the classes' and one per split), which
@@ -40,6 +52,8 @@ from scipy import ndimage as ndi
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
 
+from stm_defects.schema import ConfigError
+
 __all__ = [
     "ClassifyConfig",
     "canonical_patches",
@@ -50,6 +64,7 @@ __all__ = [
 ]
 
 UNKNOWN = -1
+SPLIT_FEATURES = ("symmetric", "canonical")
 
 
 @dataclass(frozen=True)
@@ -68,7 +83,14 @@ class ClassifyConfig:
     n_init: int = 3                 # EM restarts of each mixture (the best likelihood is kept)
     split_min: int = 100            # a class of this many training defects may be split in two (0: never)
     split_min_share: float = 0.1    # ... when each part holds this share of it (see "Split" above)
-    split_max_flip: float = 0.05    # ... and flipped patches change part at most this often
+    split_max_flip: float = 0.05    # ... and flipped patches change part at most this often ("canonical")
+    split_features: str = "symmetric"   # the split looks at patches averaged over flips | "canonical"
+    split_max_overlap: float = 0.05     # ... and its parts overlap less than this ("symmetric")
+
+    def __post_init__(self):
+        if self.split_features not in SPLIT_FEATURES:
+            raise ConfigError(f"improved.classify.split_features must be one of {SPLIT_FEATURES}, "
+                              f"not {self.split_features!r}")
 
 
 def _windows(a: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
@@ -145,6 +167,17 @@ def _features(patches: np.ndarray) -> np.ndarray:
     dominate the PCA)."""
     x = patches.reshape(len(patches), -1).astype(np.float64)
     return np.sign(x) * np.sqrt(np.abs(x))
+
+
+def _flip_averaged(patches: np.ndarray) -> np.ndarray:
+    """Each patch averaged over the four flips along and across the rows: the same for every
+    pose of a defect (see "Split")."""
+    return 0.25 * (patches + patches[:, :, ::-1] + patches[:, ::-1, :] + patches[:, ::-1, ::-1])
+
+
+def _split_features(patches: np.ndarray, how: str) -> np.ndarray:
+    """The features a split looks at: ``how`` "symmetric" (flip-averaged) or "canonical"."""
+    return _features(_flip_averaged(patches) if how == "symmetric" else patches)
 
 
 def _pca_fit(X: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -257,15 +290,19 @@ def _splits(X: np.ndarray, patches: np.ndarray, nearest: np.ndarray, n_classes: 
             seed: int) -> list[dict]:
     """The classes to split in two (see "Split" in the module's docstring): per class split, its
     id, its own PCA and the two-component mixture; the second part becomes class
-    ``n_classes + j`` for the j-th split. ``X``: the features of ``patches``."""
+    ``n_classes + j`` for the j-th split. ``X``: the (canonical) features of ``patches``, which
+    a split with ``split_features`` "symmetric" replaces by those of the flip-averaged patches."""
     out = []
+    how = cfg.split_features
+    if how != "canonical":
+        X = _split_features(patches, how)
     for c in range(n_classes):
         sel = nearest == c
         n = int(sel.sum())
         if n < max(int(cfg.split_min), 10):
             continue
         mean, comps, scale = _pca_fit(X[sel], int(min(cfg.n_pca, X.shape[1], n - 1)))
-        split = {"class": c, "pca_mean": mean, "pca_components": comps, "pca_scale": scale}
+        split = {"class": c, "features": how, "pca_mean": mean, "pca_components": comps, "pca_scale": scale}
         Z = _project(split, X[sel])
         one, two = _gmm(1, cfg, seed).fit(Z), _gmm(2, cfg, seed).fit(Z)
         if two.bic(Z) >= one.bic(Z) or two.weights_.min() < cfg.split_min_share:
@@ -273,6 +310,10 @@ def _splits(X: np.ndarray, patches: np.ndarray, nearest: np.ndarray, n_classes: 
         post = two.predict_proba(Z)
         hard = post.argmax(axis=1)
         overlap = max(post[hard == i, 1 - i].mean() if (hard == i).any() else 1.0 for i in (0, 1))
+        if how == "symmetric":          # flipped patches have the same features: never poses
+            if overlap < cfg.split_max_overlap:
+                out.append({**split, "gmm": two})
+            continue
         if overlap >= cfg.merge_overlap:
             continue
         p = patches[sel]
@@ -310,10 +351,14 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
     nearest = cp.argmax(axis=1)
     prob = cp[np.arange(len(Z)), nearest]
     splits = state.get("splits") or []
+    by_how = {"canonical": X}
     for j, sp in enumerate(splits):        # a split class's second part is a class of its own
         sel = np.flatnonzero(nearest == sp["class"])
         if len(sel):
-            sub = sp["gmm"].predict_proba(_project(sp, X[sel]))
+            how = sp.get("features", "canonical")     # a split fitted before "features": canonical
+            if how not in by_how:
+                by_how[how] = _split_features(patches, how)
+            sub = sp["gmm"].predict_proba(_project(sp, by_how[how][sel]))
             part = sub.argmax(axis=1)
             nearest[sel[part == 1]] = int(state["n_base_classes"]) + j
             prob[sel] *= sub[np.arange(len(sel)), part]
