@@ -42,18 +42,20 @@ def test_a_class_of_dots_and_bars_is_split_into_them():
 def test_one_kind_in_two_poses_or_alone_is_not_split():
     rng = np.random.default_rng(1)
     one = _noisy(ASYM, 300, rng)
-    poses = one.copy()
-    poses[::2] = poses[::2, ::-1, :]                              # half of them mirrored across the rows
-    for how in ("symmetric", "canonical"):
-        cfg = dataclasses.replace(CFG, split_features=how)
-        assert _split_of(one, cfg) == [], how                     # one kind: one Gaussian is enough
-        assert _split_of(poses, cfg) == [], how
+    across = one.copy()
+    across[::2] = across[::2, ::-1, :]                            # half of them mirrored across the rows
+    along = np.roll(one, 2, axis=2)                               # off-centre along the rows, too ...
+    along[::2] = along[::2, :, ::-1]                              # ... and half of them mirrored along them
     canonical = dataclasses.replace(CFG, split_features="canonical")
-    assert _split_of(poses, dataclasses.replace(canonical, split_max_flip=1.0)), \
-        "two mirror poses are two clusters in the class's own canonical components"
-    # ... which "canonical" refuses because flipping moves them from one part to the other, and
-    # "symmetric" never sees: the flip-averaged patches of both poses are the same
-    assert _split_of(poses, dataclasses.replace(CFG, split_max_flip=1.0)) == []
+    for poses in (across, along):
+        for cfg in (CFG, canonical):
+            assert _split_of(one, cfg) == [], cfg.split_features  # one kind: one Gaussian is enough
+            assert _split_of(poses, cfg) == [], cfg.split_features
+        assert _split_of(poses, dataclasses.replace(canonical, split_max_flip=1.0)), \
+            "two mirror poses are two clusters in the class's own canonical components"
+        # ... which "canonical" refuses because flipping moves them from one part to the other,
+        # and "symmetric" never sees: the flip-averaged patches of both poses are the same
+        assert _split_of(poses, dataclasses.replace(CFG, split_max_flip=1.0)) == []
 
 
 def test_two_kinds_in_mirror_poses_are_split_by_kind():
@@ -61,22 +63,35 @@ def test_two_kinds_in_mirror_poses_are_split_by_kind():
     trough), each in both mirror poses: the class's own canonical components split it by pose,
     which the flip rule refuses, so "canonical" keeps the two kinds together; the flip-averaged
     patches split it into dots and bars."""
-    rng = np.random.default_rng(4)
-    dot = np.exp(-(XX ** 2 + (YY - 2.5) ** 2) / (2 * 1.6 ** 2))
-    bar = np.exp(-((XX / 4.5) ** 4) - (YY - 2.5) ** 2 / (2 * 1.2 ** 2))
-    p = np.concatenate([_noisy(dot, 150, rng, 0.2), _noisy(bar, 150, rng, 0.2)])
-    p[1::2] = p[1::2, ::-1, :]
-    truth = np.repeat([0, 1], 150)
+    p, truth = _two_kinds_in_poses(np.random.default_rng(4))
     assert _split_of(p, dataclasses.replace(CFG, split_features="canonical")) == []
     splits = _split_of(p)
     assert len(splits) == 1 and splits[0]["features"] == "symmetric"
-    state = {"pca_mean": np.zeros(P * P), "pca_components": np.eye(2, P * P), "pca_scale": np.ones(2)}
-    from sklearn.mixture import GaussianMixture
-    one = GaussianMixture(1, random_state=0).fit(np.zeros((4, 2)) + rng.standard_normal((4, 2)))
-    state.update({"gmm": one, "component_class": np.array([0]), "n_classes": 2, "n_base_classes": 1,
-                  "splits": splits, "loglik_threshold": -np.inf})
-    got = classify_patches(state, p)["nearest"]
+    got = classify_patches(_one_class_state(splits), p)["nearest"]
     assert adjusted_rand_score(truth, got) > 0.9
+
+
+def _two_kinds_in_poses(rng, n=150):
+    """Off-centre dots and bars, each in all four poses (mirrored across the rows, along them,
+    both, neither): (patches, kind)."""
+    dot = np.exp(-(XX ** 2 + (YY - 2.5) ** 2) / (2 * 1.6 ** 2))
+    bar = np.exp(-(((XX - 1.5) / 4.5) ** 4) - (YY - 2.5) ** 2 / (2 * 1.2 ** 2))
+    p = np.concatenate([_noisy(dot, n, rng, 0.2), _noisy(bar, n, rng, 0.2)])
+    p[1::4] = p[1::4, ::-1, :]
+    p[2::4] = p[2::4, :, ::-1]
+    p[3::4] = p[3::4, ::-1, ::-1]
+    return p, np.repeat([0, 1], n)
+
+
+def _one_class_state(splits):
+    """A fitted state of one class (a one-component mixture on two dummy components) with
+    ``splits``."""
+    from sklearn.mixture import GaussianMixture
+
+    one = GaussianMixture(1, random_state=0).fit(np.random.default_rng(0).standard_normal((8, 2)))
+    return {"pca_mean": np.zeros(P * P), "pca_components": np.eye(2, P * P), "pca_scale": np.ones(2),
+            "gmm": one, "component_class": np.array([0]), "n_classes": 2, "n_base_classes": 1,
+            "splits": splits, "loglik_threshold": -np.inf}
 
 
 def test_fit_classes_splits_the_class_that_holds_two_kinds_and_split_min_0_turns_it_off():
@@ -125,16 +140,34 @@ def test_a_split_fitted_before_split_features_predicts_on_canonical_patches():
     stored = PredictConfig().to_dict()
     del stored["improved"]["classify"]["split_features"]
     assert PredictConfig.from_dict(stored).improved.classify.split_features == "canonical"
-    rng = np.random.default_rng(2)
-    big = np.exp(-(XX ** 2 + YY ** 2) / (2 * 4.0 ** 2))
-    p = np.concatenate([_noisy(k, 150, rng) for k in (6 * big, -6 * big, DOT, BAR)])
-    cfg = dataclasses.replace(CFG, k_range=(3, 3), split_features="canonical")
-    state = fit_classes(p, cfg, seed=0)
-    assert [sp["features"] for sp in state["splits"]] == ["canonical"]
-    old = dict(state, splits=[{k: v for k, v in sp.items() if k != "features"} for sp in state["splits"]])
-    assert np.array_equal(classify_patches(old, p)["label"], classify_patches(state, p)["label"])
-    with pytest.raises(ConfigError, match="split_features"):
+    p, _ = _two_kinds_in_poses(np.random.default_rng(6))
+    canonical = dataclasses.replace(CFG, split_features="canonical", split_max_flip=1.0)
+    splits = _split_of(p, canonical)                # the pose split, which only this allows
+    assert [sp["features"] for sp in splits] == ["canonical"]
+    state = _one_class_state(splits)
+    old = _one_class_state([{k: v for k, v in sp.items() if k != "features"} for sp in splits])
+    labels = classify_patches(state, p)["nearest"]
+    assert np.array_equal(classify_patches(old, p)["nearest"], labels)
+    # ... and the data tell the two feature kinds apart: the same split on flip-averaged patches
+    # (every pose alike) classifies otherwise
+    other = _one_class_state([dict(sp, features="symmetric") for sp in splits])
+    assert not np.array_equal(classify_patches(other, p)["nearest"], labels)
+
+
+def test_split_features_are_checked_in_configs_and_model_states():
+    from stm_defects.analysis.dispatch import PredictConfig
+    from stm_defects.errors import StageError
+
+    with pytest.raises(ValueError, match="split_features must be one of"):
         ClassifyConfig(split_features="mirror")
+    stored = PredictConfig().to_dict()
+    stored["improved"]["classify"]["split_features"] = "mirror"
+    with pytest.raises(ConfigError, match="classify.*split_features must be one of"):
+        PredictConfig.from_dict(stored, "params.yaml")
+    p, _ = _two_kinds_in_poses(np.random.default_rng(7))
+    splits = [dict(sp, features="mirror") for sp in _split_of(p)]
+    with pytest.raises(StageError, match="unknown features 'mirror'"):
+        classify_patches(_one_class_state(splits), p)
 
 
 def test_one_kind_whose_shape_varies_continuously_is_not_split():

@@ -28,10 +28,11 @@ moment is near zero, so one kind comes in mirror poses, and those are the cleare
 a class's own components show.  With ``split_features`` "symmetric" the class is looked at in
 its patches averaged over the four flips along and across the rows, which are the same for
 every pose of a defect, so only a difference of shape (round or long, one blob or two) can
-split it, and its parts must overlap less than ``split_max_overlap`` (mean cross-posterior),
-a stricter rule than the merge's: a large class of one kind whose shape varies continuously
+split it, and its parts must overlap less than ``split_max_overlap`` (mean cross-posterior;
+never more than ``merge_overlap`` allows), a stricter rule than the merge's: a large class of one kind whose shape varies continuously
 (dangling bonds of different widths) is no Gaussian either, and two Gaussians fit it better
-by BIC, but their parts overlap (0.08-0.10 where two kinds gave 0.02 on the Si(001) splits).
+by BIC, but their parts overlap (0.08-0.10 on the Si(001)-shift dev draws, where dangling
+bonds against adsorbates gave 0.02).
 With "canonical" (the earlier rule) the canonical patches are used, parts may overlap up to
 ``merge_overlap``, and a split is refused when flipping the class's patches moves more than
 ``split_max_flip`` of them from one part to the other; under noise that refusal also turned
@@ -39,7 +40,7 @@ down the split of dangling bonds from adsorbates, whose two-part mixture in cano
 follows poses.
 
 All randomness comes from the ``seed`` argument; the fitted state is a plain dict of numpy
-arrays and numbers (and GaussianMixtures: the classes' and one per split), which
+arrays, numbers and strings (and GaussianMixtures: the classes' and one per split), which
 `io.safe_models` stores without pickle.
 """
 
@@ -52,7 +53,7 @@ from scipy import ndimage as ndi
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
 
-from stm_defects.schema import ConfigError
+from stm_defects.errors import StageError
 
 __all__ = [
     "ClassifyConfig",
@@ -89,8 +90,7 @@ class ClassifyConfig:
 
     def __post_init__(self):
         if self.split_features not in SPLIT_FEATURES:
-            raise ConfigError(f"improved.classify.split_features must be one of {SPLIT_FEATURES}, "
-                              f"not {self.split_features!r}")
+            raise ValueError(f"split_features must be one of {SPLIT_FEATURES}, not {self.split_features!r}")
 
 
 def _windows(a: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
@@ -177,6 +177,9 @@ def _flip_averaged(patches: np.ndarray) -> np.ndarray:
 
 def _split_features(patches: np.ndarray, how: str) -> np.ndarray:
     """The features a split looks at: ``how`` "symmetric" (flip-averaged) or "canonical"."""
+    if how not in SPLIT_FEATURES:
+        raise StageError(f"the classes hold a split of unknown features {how!r} (a model from a newer "
+                         f"release?); this one knows {SPLIT_FEATURES}")
     return _features(_flip_averaged(patches) if how == "symmetric" else patches)
 
 
@@ -190,8 +193,8 @@ def _pca_fit(X: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _project(pca: dict, X: np.ndarray) -> np.ndarray:
-    """Features ``X`` (`_features`) in the scaled principal components of ``pca`` (a state, or
-    a split: ``pca_mean``, ``pca_components``, ``pca_scale``)."""
+    """Features ``X`` (`_features`, or a split's `_split_features`) in the scaled principal
+    components of ``pca`` (a state, or a split: ``pca_mean``, ``pca_components``, ``pca_scale``)."""
     return (X - pca["pca_mean"]) @ pca["pca_components"].T / pca["pca_scale"]
 
 
@@ -311,7 +314,7 @@ def _splits(X: np.ndarray, patches: np.ndarray, nearest: np.ndarray, n_classes: 
         hard = post.argmax(axis=1)
         overlap = max(post[hard == i, 1 - i].mean() if (hard == i).any() else 1.0 for i in (0, 1))
         if how == "symmetric":          # flipped patches have the same features: never poses
-            if overlap < cfg.split_max_overlap:
+            if overlap < min(cfg.split_max_overlap, cfg.merge_overlap):
                 out.append({**split, "gmm": two})
             continue
         if overlap >= cfg.merge_overlap:
