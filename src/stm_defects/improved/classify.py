@@ -29,15 +29,14 @@ a class's own components show.  With ``split_features`` "symmetric" the class is
 its patches averaged over the four flips along and across the rows, which are the same for
 every pose of a defect, so only a difference of shape (round or long, one blob or two) can
 split it, and its parts must overlap less than ``split_max_overlap`` (mean cross-posterior;
-never more than ``merge_overlap`` allows), a stricter rule than the merge's: a large class of one kind whose shape varies continuously
-(dangling bonds of different widths) is no Gaussian either, and two Gaussians fit it better
-by BIC, but their parts overlap (0.08-0.10 on the Si(001)-shift dev draws, where dangling
-bonds against adsorbates gave 0.02).
-With "canonical" (the earlier rule) the canonical patches are used, parts may overlap up to
-``merge_overlap``, and a split is refused when flipping the class's patches moves more than
-``split_max_flip`` of them from one part to the other; under noise that refusal also turned
-down the split of dangling bonds from adsorbates, whose two-part mixture in canonical patches
-follows poses.
+never more than ``merge_overlap`` allows), a stricter rule than the merge's: a large class of
+one kind whose shape varies continuously (dangling bonds of different widths) is no Gaussian
+either, and two Gaussians fit it better by BIC, but their parts overlap (0.08-0.10 on the
+Si(001)-shift dev draws, where dangling bonds against adsorbates gave 0.02).  With "canonical"
+(the earlier rule) the canonical patches are used, parts may overlap up to ``merge_overlap``,
+and a split is refused when flipping the class's patches moves more than ``split_max_flip`` of
+them from one part to the other; under noise that refusal also turned down the split of
+dangling bonds from adsorbates, whose two-part mixture in canonical patches follows poses.
 
 All randomness comes from the ``seed`` argument; the fitted state is a plain dict of numpy
 arrays, numbers and strings (and GaussianMixtures: the classes' and one per split), which

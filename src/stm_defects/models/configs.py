@@ -6,27 +6,36 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["AEConfig", "TrainConfig"]
 
 _AUGMENTS = ("none", "d4")
 
 
-def _check_keys(cls: type, d: Mapping[str, Any]) -> None:
-    if not isinstance(d, Mapping):
-        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} key(s): {', '.join(map(repr, unknown))}; "
-            f"allowed keys: {', '.join(sorted(known))}"
-        )
+class _FromDict:
+    """``from_dict`` / ``to_dict`` of a config dataclass: a mapping of its own keys, checked."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        """Build from a mapping; unknown keys raise ``ValueError``."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} key(s): {', '.join(map(repr, unknown))}; "
+                f"allowed keys: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
-class AEConfig:
+class AEConfig(_FromDict):
     """Architecture of a :class:`ConvAutoencoder`.
 
     widths: encoder conv widths; the decoder mirrors them (reversed, the last
@@ -86,18 +95,9 @@ class AEConfig:
     def flat_features(self) -> int:
         return self.widths[-1] * self.bottleneck**2
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AEConfig:
-        """Build from a mapping; unknown keys raise ``ValueError``."""
-        _check_keys(cls, d)
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_FromDict):
     """Training hyper-parameters.
 
     early_stopping_patience: stop after this many epochs without a val-loss
@@ -145,12 +145,3 @@ class TrainConfig:
             raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
         if self.augment not in _AUGMENTS:
             raise ValueError(f"augment must be one of {_AUGMENTS}, got {self.augment!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys raise ``ValueError``."""
-        _check_keys(cls, d)
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
