@@ -27,6 +27,7 @@ METHODS = ("improved", "paper")
 # not today's default, so a registered version predicts as it did.
 ADDED_LATER = {("improved", "anomaly", "halo_distance"): 0.0, ("improved", "classify", "split_min"): 0,
                ("improved", "anomaly", "step_lattice_periods"): 0.0,
+               ("improved", "anomaly", "streak_filter"): False,
                ("improved", "classify", "split_features"): "canonical"}
 
 

@@ -7,9 +7,12 @@
    lattice's own gradients never pass for steps whatever its symmetry and pixel size);
 3. the periodic lattice is removed by notching the peaks of the power spectrum (peaks that
    stand ``notch_k`` (log units) above a median-smoothed spectrum, beyond ``min_freq``);
-4. the residual is smoothed at a few blob scales; each scale is divided by its robust noise
+4. scan-line streaks are taken out of the residual before it is scored (``streak_filter``,
+   `remove_streaks`): the spectrum's two axes, where line-to-line offsets and tip-change
+   streaks put their power, are brought down to the power of the other directions;
+5. that is smoothed at a few blob scales; each scale is divided by its robust noise
    level (MAD over the scan, step band excluded) and the score is the maximum |z| over scales;
-5. defects are local maxima of the score above ``threshold`` that also pass ``threshold``
+6. defects are local maxima of the score above ``threshold`` that also pass ``threshold``
    against the noise of their own scan row and column (``line_noise``: real scans carry lines
    hit by tip changes and feedback ringing); each gets the region of score > ``low_threshold``
    around it and a score-weighted centre; a peak surrounded by a ring of the opposite sign
@@ -45,7 +48,7 @@ from stm_defects.improved.steps import (
     terrace_background,
 )
 
-__all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "lattice_period", "score_map", "score_maps",
+__all__ = ["AnomalyConfig", "AnomalyResult", "detect", "lattice_notch", "lattice_period", "remove_streaks", "score_map", "score_maps",
            "terrace_levelled"]
 
 
@@ -65,6 +68,8 @@ class AnomalyConfig:
     line_noise: int = 9                  # ... also against its own row's and column's noise (robust std,
                                          # median over this many neighbouring lines; 0: scan-wide only)
     line_min_px: int = 200               # valid pixels a line needs for its own noise estimate
+    streak_filter: bool = True           # score the residual without its scan-line streaks (`remove_streaks`);
+                                         # class patches keep the residual as it is
     low_threshold: float = 3.5           # region of a defect
     min_distance: int = 5                # px between score maxima
     merge_distance: float = 16.0         # peaks closer than this are one defect
@@ -143,6 +148,91 @@ def lattice_notch(r: np.ndarray, cfg: AnomalyConfig) -> tuple[np.ndarray, np.nda
     del full
     lat = r - clean
     return clean, lat.astype(np.float32, copy=False)
+
+
+def remove_streaks(r: np.ndarray, zero: np.ndarray | None = None) -> np.ndarray:
+    """``r`` without its scan-line streaks: the power of each bin on the two axes of its
+    spectrum (within one bin of f_x = 0, what is constant along columns, and of f_y = 0, along
+    rows) brought down to the median power of its ring of spatial frequency (the bins of the
+    same magnitude, in cycles per pixel), where it stands above it.
+
+    A point defect's spectrum is about isotropic, and so is the detector's blob filter; a real
+    scan's noise is not: line-to-line offsets, tip-change streaks and feedback ringing put
+    their power on the axes, and a robust noise level taken over the whole scan then
+    underrates them. The excess over the other directions is divided out: nothing is
+    amplified, the reference is learned from the scan itself, and rows and columns are
+    treated alike (whichever is the slow axis, and a scan turned by 90 degrees scores the
+    same). The log power is smoothed over one frequency bin (sigma) before the comparison.
+    ``zero``: pixels set back to 0 (the step band and missing pixels, 0 in ``r`` already).
+    float32.
+    """
+    a = np.asarray(r, np.float32)
+    h, w = a.shape
+    F = sfft.rfft2(a)
+    logp = np.abs(F)
+    np.square(logp, out=logp)
+    logp += max(float(logp.mean()), 1e-30) * 1e-12
+    np.log(logp, out=logp)
+    logp = _smooth_half_spectrum(logp, w)
+    ring = _rings(h, w)
+    # the axes: rows 0, 1, -1 (f_y within one bin of 0) and columns 0, 1 (f_x, rfft's half)
+    axes = ((np.r_[0, 1, h - 1], slice(None)), (slice(None), np.r_[0, 1]))
+    other = np.ones(logp.shape, bool)                # the other directions, each bin once
+    for rows, cols in axes:
+        other[rows, cols] = False
+    if w % 2 == 0:   # the Nyquist column holds each of its bins twice (f_y and -f_y)
+        other[h // 2 + 1:, -1] = False
+    med = _ring_medians(logp, ring, other)
+    gain = np.ones(logp.shape, np.float32)
+    for rows, cols in axes:
+        excess = logp[rows, cols] - med[ring[rows, cols]]
+        gain[rows, cols] = np.exp(-0.5 * np.maximum(excess, 0.0))
+    del logp
+    gain[0, 0] = 1.0
+    F *= gain
+    del gain
+    out = sfft.irfft2(F, s=(h, w)).astype(np.float32, copy=False)
+    if zero is not None:
+        out[zero] = 0.0
+    return out
+
+
+def _smooth_half_spectrum(v: np.ndarray, w: int, sigma: float = 1.0) -> np.ndarray:
+    """``ndi.gaussian_filter`` of a real function of frequency (``v[ky, kx] = v[-ky, -kx]``)
+    held as an ``rfft2`` half plane of an image ``w`` wide: periodic along ky, and beyond the
+    half plane's two edges (kx < 0, kx past the last column) the mirrored bins, as on the
+    whole spectrum."""
+    h, last = v.shape[0], v.shape[1] - 1
+    r = int(4.0 * sigma + 0.5)                       # gaussian_filter's radius (truncate 4)
+    mirror = (-np.arange(h)) % h                     # ky -> -ky
+    left = np.minimum(np.arange(r, 0, -1), last)     # kx = -r .. -1  <-  (-ky, r .. 1)
+    right = np.clip(w - np.arange(last + 1, last + r + 1), 0, last)
+    ext = np.concatenate([v[mirror][:, left], v, v[mirror][:, right]], axis=1)
+    return ndi.gaussian_filter(ext, sigma, mode="wrap")[:, r:r + last + 1]
+
+
+def _rings(h: int, w: int) -> np.ndarray:
+    """The ring of each bin of an (h, w) ``rfft2``: its frequency magnitude in steps of
+    1 / min(h, w) cycles per pixel."""
+    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
+    return np.rint(np.hypot(fy, fx) * np.float32(min(h, w))).astype(np.int32)
+
+
+def _ring_medians(v: np.ndarray, ring: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """The median of ``v[use]`` over each ring (indices 0..ring.max()), from one sort of the ring
+    labels (a radix sort: linear in the number of bins); +inf for a ring without such bins."""
+    lab = ring[use]
+    order = np.argsort(lab, kind="stable")
+    vals = v[use][order]
+    ends = np.cumsum(np.bincount(lab, minlength=int(ring.max()) + 1))
+    med = np.full(len(ends), np.inf, np.float32)
+    start = 0
+    for i, end in enumerate(ends):
+        if end > start:
+            med[i] = np.median(vals[start:end])
+        start = end
+    return med
 
 
 def lattice_period(lat: np.ndarray, min_freq: float) -> float | None:
@@ -354,7 +444,12 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
     if missing is not None:
         clean[missing] = 0.0
     floor = cfg.lattice_floor * float(np.std(lat[valid][::3])) if cfg.lattice_floor else 0.0
-    bank = GaussianBank(clean, max(*cfg.scales, _SIGN_SIGMA))
+    if cfg.streak_filter:   # for the score, signs and halos; the regions keep `clean` (class patches)
+        zero = terr.band if missing is None else terr.band | missing
+        bank = GaussianBank(remove_streaks(clean, zero), max(*cfg.scales, _SIGN_SIGMA))
+        del zero
+    else:
+        bank = GaussianBank(clean, max(*cfg.scales, _SIGN_SIGMA))
     score, ratio = score_maps(clean, valid, cfg.scales, floor, cfg.line_noise, cfg.line_min_px, bank)
 
     pk = peak_local_max(score, min_distance=cfg.min_distance, threshold_abs=cfg.threshold,
