@@ -1,9 +1,10 @@
 """The fast default analysis finds the same defects as the code before it was made fast.
 
 `tests/data/fast_path_reference.json` holds the detections (x, y, class) of the default
-(improved) analysis at commit 759e300, before the speed work of the detector (the normal-equation
-plane fit, the selection-network scar median, slice-based block means and upsampling, a sparse
-notch dilation, a sort-based NaN median and k-d-tree region owners), on six fixed synthetic scans
+(improved) analysis at the commit it names (the streak filter; the file was first written at
+759e300, before the speed work of the detector: the normal-equation plane fit, the
+selection-network scar median, slice-based block means and upsampling, a sparse notch dilation,
+a sort-based NaN median and k-d-tree region owners), on six fixed synthetic scans
 (`benchmarks/fast_path_reference.py` writes it, with the improved state it used beside it). The
 current code must find >= 99% of those defects within 1 px, one to one, with the same classes.
 
