@@ -47,3 +47,21 @@ def test_empty_image_has_no_defects():
     rng = np.random.default_rng(0)
     img = (0.5 + 0.05 * rng.standard_normal((128, 128))).astype(np.float32)
     assert len(detect(img).regions) == 0
+
+
+def test_a_threshold_below_the_region_threshold_gives_each_peak_a_region():
+    # peaks scoring between threshold and low_threshold lie outside every region component;
+    # each still gets a region (its peak pixel), not a crash
+    import dataclasses
+
+    from stm_defects.config import load_params, predict_config
+
+    params = load_params(__import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml")
+    cfg = predict_config(params)
+    s = synth_scan(params.synth, 0)
+    img, _ = preprocess(s.height, s.pixel_nm, dataclasses.replace(cfg.preprocess, align_rows=False))
+    res = detect(img, dataclasses.replace(cfg.improved.anomaly, threshold=3.0, streak_filter=False))
+    assert len(res.regions) > 0
+    for r in res.regions:
+        x0, y0, x1, y1 = r["bbox"]
+        assert r["area_px"] >= 1 and x0 <= r["peak"][1] < x1 and y0 <= r["peak"][0] < y1

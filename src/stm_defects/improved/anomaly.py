@@ -586,6 +586,8 @@ def _regions(score: np.ndarray, pk: np.ndarray, vals: np.ndarray, sign: np.ndarr
                 ys.append(yc + box[0].start)
                 xs.append(xc + box[1].start)
             ys, xs = np.concatenate(ys), np.concatenate(xs)
+            if not len(ys):   # a peak under low_threshold (threshold set below it) owns no pixel
+                ys, xs = np.array([y]), np.array([x])
             pixels.append((ys, xs))
             regions.append({
                 "x": cx, "y": cy,
