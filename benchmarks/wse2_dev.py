@@ -43,7 +43,15 @@ for kv in args.overrides:
     def rep(obj, path, val):
         if len(path) == 1:
             old = getattr(obj, path[0])
-            return dataclasses.replace(obj, **{path[0]: type(old)(val) if not isinstance(old, tuple) else tuple(float(x) for x in val.split(","))})
+            if isinstance(old, bool):   # bool("false") is True
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise SystemExit(f"{k}: true or false, not {val!r}")
+                new = val.lower() in ("true", "1")
+            elif isinstance(old, tuple):
+                new = tuple(float(x) for x in val.split(","))
+            else:
+                new = type(old)(val)
+            return dataclasses.replace(obj, **{path[0]: new})
         return dataclasses.replace(obj, **{path[0]: rep(getattr(obj, path[0]), path[1:], val)})
     cfg = rep(cfg, path, v)
 models = load_models(args.models)
