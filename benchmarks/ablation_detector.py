@@ -58,12 +58,15 @@ def _run(cmd: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="models", help="trained models (`make run`)")
+    ap.add_argument("--models", default="models", help="trained models (`make run`); paths are relative to "
+                                                        "the directory the command is run from")
     ap.add_argument("--n", type=int, default=100, help="lattice-family dev scans per family")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--only", nargs="*", help="variant names (default: all)")
+    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="variant names (default: all)")
     ap.add_argument("--out", default="reports/ablation_detector")
     args = ap.parse_args()
+    models = str(Path(args.models).resolve())
+    out = Path(args.out).resolve()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +74,7 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             params = _params(base, anomaly, Path(tmp) / "params.yaml")
-            line = _run([sys.executable, "benchmarks/wse2_dev.py", "--models", args.models,
+            line = _run([sys.executable, "benchmarks/wse2_dev.py", "--models", models,
                          "--params", str(params), "--calibration", "name"])
             m = re.search(r"F1 ([\d.]+) \[([\d.]+),([\d.]+)\] P ([\d.]+) R ([\d.]+)", line)
             if m is None:
@@ -85,7 +88,6 @@ def main() -> None:
                           "lattice_dev": {k: gen[k] for k in gen}}
             a = gen["all"]
             print(f"{name}: WSe2 F1 {wse2['f1']:.3f}  lattice dev F1 {a['f1']:.3f}", flush=True)
-    out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
     fams = [k for k in next(iter(rows.values()))["lattice_dev"] if k != "all"]
