@@ -476,6 +476,25 @@ def test_run_suite_good_table_passes(stats_rows):
     assert len(res["results"]) == 7 and all(r["success"] for r in res["results"])
 
 
+def test_run_suite_data_docs_are_the_same_files_every_run(stats_rows, tmp_path):
+    """The Data Docs are a DVC output: the same table must render the same files (no clock
+    times, no random ids), wherever and whenever it runs."""
+    import time
+
+    from stm_defects.config import ValidateParams
+    from stm_defects.data.validate import run_suite
+
+    def tree(d):
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    run_suite(stats_rows, ValidateParams(), docs_dir=tmp_path / "a")
+    time.sleep(0.01)
+    run_suite(stats_rows, ValidateParams(), docs_dir=tmp_path / "b")
+    a, b = tree(tmp_path / "a"), tree(tmp_path / "b")
+    assert any(k.endswith(".html") and "validations" in k for k in a), "a validation page was written"
+    assert a == b
+
+
 def test_run_suite_reports_each_failing_scan_with_a_reason(stats_rows):
     from stm_defects.config import ValidateParams
     from stm_defects.data.validate import run_suite

@@ -7,6 +7,7 @@ only `deps`, rewrites `outs` completely and is deterministic given `params.seed`
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,11 @@ def validate(params, deps, outs, tracker, progress) -> dict:
         for path in files:
             name = str(path.relative_to(raw_dir))
             try:
-                rows.append(scan_stats(name, read_scan(path, **params.scan_calibration.read_kwargs())))
+                row = scan_stats(name, read_scan(path, **params.scan_calibration.read_kwargs()))
+                # relative to the project (the stage's working directory): the output must not
+                # depend on where the project was cloned
+                row["path"] = os.path.relpath(path)
+                rows.append(row)
             except ScanError as err:
                 quarantined[name] = [err.reason]
             step(1)
