@@ -17,6 +17,7 @@ Detection only (the classes are a separate question: `benchmarks/si001_shift.py`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import subprocess
@@ -43,7 +44,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def _params(base: dict, anomaly: dict, path: Path) -> Path:
-    p = json.loads(json.dumps(base))
+    p = copy.deepcopy(base)
     p["improved"]["anomaly"].update(anomaly)
     path.write_text(yaml.safe_dump(p, sort_keys=False))
     return path
@@ -85,7 +86,7 @@ def main() -> None:
                   "--workers", str(args.workers), "--params", str(params), "--out", str(gen_out)])
             gen = json.loads(gen_out.with_suffix(".json").read_text())["summary"]
             rows[name] = {"off": what, "anomaly": anomaly, "wse2_dev": wse2,
-                          "lattice_dev": {k: gen[k] for k in gen}}
+                          "lattice_dev": gen}
             a = gen["all"]
             print(f"{name}: WSe2 F1 {wse2['f1']:.3f}  lattice dev F1 {a['f1']:.3f}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ _TIME = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def _strip_render_times(docs: Path) -> None:
+def _normalise_pages(docs: Path) -> None:
     """Make GX's rendered pages a function of the validation alone: its HTML renderer adds the
     wall-clock time to asset URLs (``?d=...``, against browser caches) and prints when the
     validation ran, and it gives collapsible blocks random ids. The URLs lose the time, the
@@ -132,7 +132,7 @@ def run_suite(rows: list[dict], cfg, docs_dir: str | Path | None = None) -> dict
     run_id = RunIdentifier(run_name=f"scans-{digest}", run_time=_RUN_TIME)
     run = checkpoint.run(batch_parameters={"dataframe": df}, run_id=run_id)
     if docs_dir is not None:
-        _strip_render_times(Path(docs_dir))
+        _normalise_pages(Path(docs_dir))
     failures: dict[str, list[str]] = {}
     results = []
     for vres in run.run_results.values():

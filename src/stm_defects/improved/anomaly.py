@@ -173,11 +173,15 @@ def remove_streaks(r: np.ndarray, zero: np.ndarray | None = None) -> np.ndarray:
     """
     a = np.asarray(r, np.float32)
     h, w = a.shape
-    if min(h, w) < 3:
-        out = a.copy()
-        if zero is not None:
-            out[zero] = 0.0
-        return out
+    out = a.copy() if min(h, w) < 3 else _streaks_removed(a)
+    if zero is not None:
+        out[zero] = 0.0
+    return out
+
+
+def _streaks_removed(a: np.ndarray) -> np.ndarray:
+    """`remove_streaks` of a float32 image at least 3 px on a side, before ``zero``."""
+    h, w = a.shape
     F = sfft.rfft2(a)
     logp = np.abs(F)
     np.square(logp, out=logp)
@@ -201,10 +205,7 @@ def remove_streaks(r: np.ndarray, zero: np.ndarray | None = None) -> np.ndarray:
     gain[0, 0] = 1.0
     F *= gain
     del gain
-    out = sfft.irfft2(F, s=(h, w)).astype(np.float32, copy=False)
-    if zero is not None:
-        out[zero] = 0.0
-    return out
+    return sfft.irfft2(F, s=(h, w)).astype(np.float32, copy=False)
 
 
 def _smooth_half_spectrum(v: np.ndarray, w: int, sigma: float = 1.0) -> np.ndarray:
@@ -457,12 +458,12 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
     if missing is not None:
         clean[missing] = 0.0
     floor = cfg.lattice_floor * float(np.std(lat[valid][::3])) if cfg.lattice_floor else 0.0
-    if cfg.streak_filter:   # for the score, signs and halos; the regions keep `clean` (class patches)
-        zero = terr.band if missing is None else terr.band | missing
-        bank = GaussianBank(remove_streaks(clean, zero), max(*cfg.scales, _SIGN_SIGMA))
-        del zero
-    else:
-        bank = GaussianBank(clean, max(*cfg.scales, _SIGN_SIGMA))
+    # the score, signs and halos see the residual without its streaks; the regions keep
+    # `clean` (the class patches are cut from it)
+    scored = remove_streaks(clean, terr.band if missing is None else terr.band | missing) \
+        if cfg.streak_filter else clean
+    bank = GaussianBank(scored, max(*cfg.scales, _SIGN_SIGMA))
+    del scored
     score, ratio = score_maps(clean, valid, cfg.scales, floor, cfg.line_noise, cfg.line_min_px, bank)
 
     pk = peak_local_max(score, min_distance=cfg.min_distance, threshold_abs=cfg.threshold,
