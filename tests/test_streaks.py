@@ -126,3 +126,20 @@ def test_a_stored_config_from_before_the_filter_predicts_as_it_did():
     del today["improved"]["anomaly"]["streak_filter"]
     assert PredictConfig.from_dict(today).improved.anomaly.streak_filter is False
     assert PredictConfig.from_dict(PredictConfig().to_dict()).improved.anomaly.streak_filter is True
+
+
+@pytest.mark.parametrize("h,w", [(512, 512), (511, 510), (64, 65), (7, 4)])
+def test_ring_medians_are_numpy_medians_of_each_ring(h, w):
+    from stm_defects.improved.anomaly import _ring_medians, _rings
+
+    rng = np.random.default_rng(h * w)
+    v = rng.standard_normal((h, w // 2 + 1)).astype(np.float32)
+    v[rng.random(v.shape) < 0.01] = 0.5          # ties
+    ring = _rings(h, w)
+    use = rng.random(v.shape) > 0.1
+    got = _ring_medians(v, ring, use)
+    for r in range(int(ring.max()) + 1):
+        sel = v[(ring == r) & use]
+        want = np.median(sel) if sel.size else np.inf
+        assert got[r] == want, (r, sel.size)
+    assert got.dtype == np.float32

@@ -231,21 +231,25 @@ def _rings(h: int, w: int) -> np.ndarray:
 
 
 def _ring_medians(v: np.ndarray, ring: np.ndarray, use: np.ndarray) -> np.ndarray:
-    """The median of ``v[use]`` over each ring (indices 0..ring.max()), from one sort of the ring
-    labels (numpy's stable sort is a radix sort for 16-bit labels: linear in the number of
-    bins); +inf for a ring without such bins."""
+    """The median of ``v[use]`` over each ring (indices 0..ring.max()), as ``np.median`` gives
+    it (the mean of the two middle values of an even count); +inf for a ring without such bins.
+    One sort by value, then a stable sort by ring (a radix sort for 16-bit labels), so that
+    each ring's values lie in order and its median is read off at its middle."""
     lab = ring[use]
-    if ring.max() < 2 ** 16:
+    vals = v[use]
+    n_rings = int(ring.max()) + 1
+    if n_rings <= 2 ** 16:
         lab = lab.astype(np.uint16)
-    order = np.argsort(lab, kind="stable")
-    vals = v[use][order]
-    ends = np.cumsum(np.bincount(lab, minlength=int(ring.max()) + 1))
-    med = np.full(len(ends), np.inf, np.float32)
-    start = 0
-    for i, end in enumerate(ends):
-        if end > start:
-            med[i] = np.median(vals[start:end])
-        start = end
+    order = np.argsort(vals)
+    order = order[np.argsort(lab[order], kind="stable")]
+    vals = vals[order]
+    counts = np.bincount(lab, minlength=n_rings)
+    starts = np.cumsum(counts) - counts
+    has = counts > 0
+    med = np.full(n_rings, np.inf, np.float32)
+    lo = starts[has] + (counts[has] - 1) // 2
+    hi = starts[has] + counts[has] // 2
+    med[has] = (vals[lo] + vals[hi]) / vals.dtype.type(2)
     return med
 
 
