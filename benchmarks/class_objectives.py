@@ -103,10 +103,11 @@ def score_variants(args) -> list[dict]:
     from stm_defects.analysis.scores import class_scores
     from stm_defects.improved.classify import classify_patches, fit_classes
 
-    shift, draw, train, test, seed = args
+    shift, draw, train, test, seed, names = args
     base = _config(None).improved.classify
     rows = []
-    for name, (over, flip) in VARIANTS.items():
+    for name in names:
+        over, flip = VARIANTS[name]
         ccfg = dataclasses.replace(base, **over)
         per_scan = [_patches(d, ccfg, flip) for d in train]
         allp = np.concatenate(per_scan)
@@ -183,6 +184,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="the variants to fit (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md")
     args = ap.parse_args()
     shifts = SHIFTS if args.shift == "all" else (args.shift,)
@@ -198,7 +201,7 @@ def main() -> None:
                 trains[draw] = list(tqdm(pool.map(detect_scan, [(shift, first + i, args.split, False)
                                                                 for i in range(args.n_train)]),
                                          total=args.n_train, unit="scan", desc=f"{shift} train draw {draw}"))
-            jobs = [pool.submit(score_variants, (shift, draw, train, test, args.seed))
+            jobs = [pool.submit(score_variants, (shift, draw, train, test, args.seed, args.variants))
                     for draw, train in trains.items()]
             del trains
             for job in tqdm(jobs, unit="draw", desc=f"{shift} variants"):

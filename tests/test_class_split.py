@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from stm_defects.improved.classify import ClassifyConfig, _features, _splits, classify_patches, fit_classes
+from stm_defects.improved.classify import (
+    ClassifyConfig,
+    _features,
+    _split_features,
+    _splits,
+    classify_patches,
+    fit_classes,
+)
 from stm_defects.io import safe_models
 from stm_defects.schema import ConfigError
 
@@ -25,7 +32,7 @@ def _noisy(shape, n, rng, noise=0.12):
 
 
 def _split_of(patches, cfg=CFG):
-    return _splits(_features(patches), patches, np.zeros(len(patches), np.int64), 1, cfg, seed=0)
+    return _splits(_split_features(patches, cfg.features), patches, np.zeros(len(patches), np.int64), 1, cfg, seed=0)
 
 
 def test_a_class_of_dots_and_bars_is_split_into_them():
@@ -180,3 +187,33 @@ def test_one_kind_whose_shape_varies_continuously_is_not_split():
     assert _split_of(p, dataclasses.replace(CFG, split_max_overlap=CFG.merge_overlap)), \
         "two Gaussians fit it better, with parts that overlap as much as the merge rule allows"
     assert _split_of(p) == []
+
+
+def test_classes_see_kinds_not_poses_with_flip_averaged_features():
+    """Off-centre dots and bars in all four mirror poses, no split: the classes of flip-averaged
+    patches (`features` "symmetric") are the two kinds; those of canonical patches follow the
+    poses as well, as a canonical flip of an off-centre defect is a guess."""
+    p, truth = _two_kinds_in_poses(np.random.default_rng(4))
+    cfg = dataclasses.replace(CFG, split_min=0, k_range=(2, 6))
+    sym = fit_classes(p, cfg, seed=0)
+    assert sym["features"] == "symmetric"
+    assert adjusted_rand_score(truth, classify_patches(sym, p)["nearest"]) > 0.9
+    canon = fit_classes(p, dataclasses.replace(cfg, features="canonical"), seed=0)
+    assert adjusted_rand_score(truth, classify_patches(canon, p)["nearest"]) < 0.9
+
+
+def test_a_state_fitted_before_features_was_recorded_reads_canonical_patches():
+    """A stored state without "features" was fitted on canonical patches and predicts so."""
+    p, _ = _two_kinds_in_poses(np.random.default_rng(5))
+    canon = fit_classes(p, dataclasses.replace(CFG, features="canonical"), seed=0)
+    old = {k: v for k, v in canon.items() if k != "features"}
+    assert np.array_equal(classify_patches(old, p)["label"], classify_patches(canon, p)["label"])
+    sym = fit_classes(p, CFG, seed=0)
+    flipped = p[:, ::-1, ::-1].copy()
+    # symmetric features: a defect's class does not depend on its pose
+    assert np.array_equal(classify_patches(sym, flipped)["label"], classify_patches(sym, p)["label"])
+
+
+def test_unknown_features_are_refused():
+    with pytest.raises(ValueError, match="features must be one of"):
+        ClassifyConfig(features="mirror")

@@ -82,4 +82,4 @@ def test_unknown_defects_carry_typicality_not_a_class_probability():
     assert np.all(got["typicality"][known] >= cfg.unknown_quantile - 0.02)
     odd = classify_patches(state, (20 * np.ones((1, P, P))).astype(np.float32))
     assert odd["label"][0] == -1 and odd["typicality"][0] < cfg.unknown_quantile
-    assert odd["nearest"][0] in (0, 1)
+    assert 0 <= odd["nearest"][0] < state["n_classes"]      # ... and keeps a nearest class

@@ -28,7 +28,8 @@ METHODS = ("improved", "paper")
 ADDED_LATER = {("improved", "anomaly", "halo_distance"): 0.0, ("improved", "classify", "split_min"): 0,
                ("improved", "anomaly", "step_lattice_periods"): 0.0,
                ("improved", "anomaly", "streak_filter"): False,
-               ("improved", "classify", "split_features"): "canonical"}
+               ("improved", "classify", "split_features"): "canonical",
+               ("improved", "classify", "features"): "canonical"}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,16 @@ symmetries of the square (rotating the scan by 90 degrees turns the rows by 90 d
 the grid with them).  Heights are in units of the scan's lattice corrugation (std of the
 removed lattice), so scans normalised differently stay comparable.
 
-Classes.  PCA of the canonical patches, then Gaussian mixtures for k in ``k_range``; for each
+The classes look at each patch averaged over its four flips along and across the rows
+(``features`` "symmetric"), the same for every pose of a defect. The canonical flip is a guess
+where a first moment is near zero (a round defect, a centre that fell on the middle of a pair),
+so in the canonical patches one kind comes in mirror poses, and a kind could take two mixture
+components, or a defect change class when its centre moved by 0.15 nm (9-53% of the training
+defects on the nine Si(001)-shift dev draws; 4-8% with flip-averaged patches).  What the
+averaging loses is which side of a defect is which, not its shape: a one-sided defect still
+differs from a symmetric one.  ``features`` "canonical" is the earlier rule.
+
+Classes.  PCA of those patches, then Gaussian mixtures for k in ``k_range``; for each
 k the stability is the mean ARI between mixtures fitted on disjoint random halves (both
 predicting all samples).  The chosen k has the lowest BIC among the stable ones (stability
 >= ``stability_min``; the most stable k if none is).  Components whose posteriors overlap
@@ -86,10 +95,12 @@ class ClassifyConfig:
     split_max_flip: float = 0.05    # ... and flipped patches change part at most this often ("canonical")
     split_features: str = "symmetric"   # the split looks at patches averaged over flips | "canonical"
     split_max_overlap: float = 0.05     # ... and its parts overlap less than this ("symmetric")
+    features: str = "symmetric"     # the classes see patches averaged over flips | "canonical" ("Features")
 
     def __post_init__(self):
-        if self.split_features not in SPLIT_FEATURES:
-            raise ValueError(f"split_features must be one of {SPLIT_FEATURES}, not {self.split_features!r}")
+        for name in ("features", "split_features"):
+            if getattr(self, name) not in SPLIT_FEATURES:
+                raise ValueError(f"{name} must be one of {SPLIT_FEATURES}, not {getattr(self, name)!r}")
 
 
 def _windows(a: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
@@ -177,7 +188,7 @@ def _flip_averaged(patches: np.ndarray) -> np.ndarray:
 def _split_features(patches: np.ndarray, how: str) -> np.ndarray:
     """The features a split looks at: ``how`` "symmetric" (flip-averaged) or "canonical"."""
     if how not in SPLIT_FEATURES:
-        raise StageError(f"the classes hold a split of unknown features {how!r} (a model from a newer "
+        raise StageError(f"the classes were fitted on unknown features {how!r} (a model from a newer "
                          f"release?); this one knows {SPLIT_FEATURES}")
     return _features(_flip_averaged(patches) if how == "symmetric" else patches)
 
@@ -238,10 +249,10 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     if len(patches) > cfg.max_samples:
         patches = patches[np.sort(rng.choice(len(patches), cfg.max_samples, replace=False))]
-    X = _features(patches)
+    X = _split_features(patches, cfg.features)
     n_pca = int(min(cfg.n_pca, X.shape[1], max(len(X) - 1, 1)))
     mean, comps, scale = _pca_fit(X, n_pca)
-    state = {"pca_mean": mean, "pca_components": comps, "pca_scale": scale}
+    state = {"features": cfg.features, "pca_mean": mean, "pca_components": comps, "pca_scale": scale}
     Z = _project(state, X)
     n = len(Z)
     table = []
@@ -292,11 +303,11 @@ def _splits(X: np.ndarray, patches: np.ndarray, nearest: np.ndarray, n_classes: 
             seed: int) -> list[dict]:
     """The classes to split in two (see "Split" in the module's docstring): per class split, its
     id, its own PCA and the two-component mixture; the second part becomes class
-    ``n_classes + j`` for the j-th split. ``X``: the (canonical) features of ``patches``, which
-    a split with ``split_features`` "symmetric" replaces by those of the flip-averaged patches."""
+    ``n_classes + j`` for the j-th split. ``X``: the classes' features of ``patches`` (``features``),
+    replaced by those the split looks at (``split_features``) where the two differ."""
     out = []
     how = cfg.split_features
-    if how != "canonical":
+    if how != cfg.features:
         X = _split_features(patches, how)
     for c in range(n_classes):
         sel = nearest == c
@@ -345,7 +356,8 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
     if n == 0:
         return {"label": np.zeros(0, np.int64), "nearest": np.zeros(0, np.int64),
                 "nearest_probability": np.zeros(0), "typicality": np.zeros(0)}
-    X = _features(patches)
+    main = state.get("features", "canonical")     # a state fitted before "features": canonical
+    X = _split_features(patches, main)
     Z = _project(state, X)
     g = state["gmm"]
     post = g.predict_proba(Z)
@@ -353,7 +365,7 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
     nearest = cp.argmax(axis=1)
     prob = cp[np.arange(len(Z)), nearest]
     splits = state.get("splits") or []
-    by_how = {"canonical": X}
+    by_how = {main: X}
     for j, sp in enumerate(splits):        # a split class's second part is a class of its own
         sel = np.flatnonzero(nearest == sp["class"])
         if len(sel):
