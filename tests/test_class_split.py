@@ -9,7 +9,6 @@ from sklearn.metrics import adjusted_rand_score
 
 from stm_defects.improved.classify import (
     ClassifyConfig,
-    _features,
     _split_features,
     _splits,
     classify_patches,
@@ -42,7 +41,8 @@ def test_a_class_of_dots_and_bars_is_split_into_them():
     splits = _split_of(p)
     assert len(splits) == 1 and splits[0]["class"] == 0
     sp = splits[0]
-    part = sp["gmm"].predict((_features(p) - sp["pca_mean"]) @ sp["pca_components"].T / sp["pca_scale"])
+    X = _split_features(p, sp["features"])
+    part = sp["gmm"].predict((X - sp["pca_mean"]) @ sp["pca_components"].T / sp["pca_scale"])
     assert adjusted_rand_score(truth, part) > 0.9
 
 
@@ -214,6 +214,15 @@ def test_a_state_fitted_before_features_was_recorded_reads_canonical_patches():
     assert np.array_equal(classify_patches(sym, flipped)["label"], classify_patches(sym, p)["label"])
 
 
-def test_unknown_features_are_refused():
+def test_unknown_features_are_refused_and_old_configs_keep_canonical_patches():
+    from stm_defects.analysis.dispatch import PredictConfig
+
     with pytest.raises(ValueError, match="features must be one of"):
         ClassifyConfig(features="mirror")
+    stored = PredictConfig().to_dict()
+    assert stored["improved"]["classify"]["features"] == "symmetric"
+    del stored["improved"]["classify"]["features"]
+    assert PredictConfig.from_dict(stored).improved.classify.features == "canonical"
+    stored["improved"]["classify"]["features"] = "mirror"
+    with pytest.raises(ConfigError):
+        PredictConfig.from_dict(stored)

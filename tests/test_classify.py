@@ -83,3 +83,6 @@ def test_unknown_defects_carry_typicality_not_a_class_probability():
     odd = classify_patches(state, (20 * np.ones((1, P, P))).astype(np.float32))
     assert odd["label"][0] == -1 and odd["typicality"][0] < cfg.unknown_quantile
     assert 0 <= odd["nearest"][0] < state["n_classes"]      # ... and keeps a nearest class
+    # (two or three classes: a mixture fitted on one random half can settle in a local optimum,
+    # so k = 2 may fail the stability rule; the classes still follow the two shapes)
+    assert adjusted_rand_score(np.repeat([0, 1], 80), got["nearest"]) > 0.8

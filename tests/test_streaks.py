@@ -143,3 +143,4 @@ def test_ring_medians_are_numpy_medians_of_each_ring(h, w):
         want = np.median(sel) if sel.size else np.inf
         assert got[r] == want, (r, sel.size)
     assert got.dtype == np.float32
+    assert np.all(_ring_medians(v, ring, np.zeros_like(use)) == np.inf)     # no bins: +inf

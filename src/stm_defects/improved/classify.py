@@ -95,7 +95,7 @@ class ClassifyConfig:
     split_max_flip: float = 0.05    # ... and flipped patches change part at most this often ("canonical")
     split_features: str = "symmetric"   # the split looks at patches averaged over flips | "canonical"
     split_max_overlap: float = 0.05     # ... and its parts overlap less than this ("symmetric")
-    features: str = "symmetric"     # the classes see patches averaged over flips | "canonical" ("Features")
+    features: str = "symmetric"     # the classes see patches averaged over flips | "canonical" (see "Features")
 
     def __post_init__(self):
         for name in ("features", "split_features"):
@@ -186,7 +186,8 @@ def _flip_averaged(patches: np.ndarray) -> np.ndarray:
 
 
 def _split_features(patches: np.ndarray, how: str) -> np.ndarray:
-    """The features a split looks at: ``how`` "symmetric" (flip-averaged) or "canonical"."""
+    """Features of ``patches`` by ``how``: "symmetric" (flip-averaged) or "canonical"; the
+    classes' own (``features``) and a split's (``split_features``)."""
     if how not in SPLIT_FEATURES:
         raise StageError(f"the classes were fitted on unknown features {how!r} (a model from a newer "
                          f"release?); this one knows {SPLIT_FEATURES}")
@@ -203,7 +204,7 @@ def _pca_fit(X: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _project(pca: dict, X: np.ndarray) -> np.ndarray:
-    """Features ``X`` (`_features`, or a split's `_split_features`) in the scaled principal
+    """Features ``X`` (`_split_features` by the state's or the split's features) in the scaled principal
     components of ``pca`` (a state, or a split: ``pca_mean``, ``pca_components``, ``pca_scale``)."""
     return (X - pca["pca_mean"]) @ pca["pca_components"].T / pca["pca_scale"]
 
