@@ -9,7 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from stm_defects.improved.classify import (
     ClassifyConfig,
-    _split_features,
+    _features_of,
     _splits,
     classify_patches,
     fit_classes,
@@ -31,7 +31,7 @@ def _noisy(shape, n, rng, noise=0.12):
 
 
 def _split_of(patches, cfg=CFG):
-    return _splits(_split_features(patches, cfg.features), patches, np.zeros(len(patches), np.int64), 1, cfg, seed=0)
+    return _splits(_features_of(patches, cfg.features), patches, np.zeros(len(patches), np.int64), 1, cfg, seed=0)
 
 
 def test_a_class_of_dots_and_bars_is_split_into_them():
@@ -41,7 +41,7 @@ def test_a_class_of_dots_and_bars_is_split_into_them():
     splits = _split_of(p)
     assert len(splits) == 1 and splits[0]["class"] == 0
     sp = splits[0]
-    X = _split_features(p, sp["features"])
+    X = _features_of(p, sp["features"])
     part = sp["gmm"].predict((X - sp["pca_mean"]) @ sp["pca_components"].T / sp["pca_scale"])
     assert adjusted_rand_score(truth, part) > 0.9
 

@@ -458,14 +458,12 @@ def detect(img01: np.ndarray, cfg: AnomalyConfig = AnomalyConfig(),
     clean -= lat
     clean -= step_profile(clean, terr, w, cfg.profile_dist, cfg.profile_tile)
     del w
-    clean[terr.band] = 0.0
-    if missing is not None:
-        clean[missing] = 0.0
+    zero = terr.band if missing is None else terr.band | missing    # no residual here
+    clean[zero] = 0.0
     floor = cfg.lattice_floor * float(np.std(lat[valid][::3])) if cfg.lattice_floor else 0.0
     # the score, signs and halos see the residual without its streaks; the regions keep
     # `clean` (the class patches are cut from it)
-    scored = remove_streaks(clean, terr.band if missing is None else terr.band | missing) \
-        if cfg.streak_filter else clean
+    scored = remove_streaks(clean, zero) if cfg.streak_filter else clean
     bank = GaussianBank(scored, max(*cfg.scales, _SIGN_SIGMA))
     del scored
     score, ratio = score_maps(clean, valid, cfg.scales, floor, cfg.line_noise, cfg.line_min_px, bank)

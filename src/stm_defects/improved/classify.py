@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 UNKNOWN = -1
-SPLIT_FEATURES = ("symmetric", "canonical")
+FEATURES = ("symmetric", "canonical")
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ class ClassifyConfig:
 
     def __post_init__(self):
         for name in ("features", "split_features"):
-            if getattr(self, name) not in SPLIT_FEATURES:
-                raise ValueError(f"{name} must be one of {SPLIT_FEATURES}, not {getattr(self, name)!r}")
+            if getattr(self, name) not in FEATURES:
+                raise ValueError(f"{name} must be one of {FEATURES}, not {getattr(self, name)!r}")
 
 
 def _windows(a: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
@@ -185,12 +185,12 @@ def _flip_averaged(patches: np.ndarray) -> np.ndarray:
     return 0.25 * (patches + patches[:, :, ::-1] + patches[:, ::-1, :] + patches[:, ::-1, ::-1])
 
 
-def _split_features(patches: np.ndarray, how: str) -> np.ndarray:
+def _features_of(patches: np.ndarray, how: str) -> np.ndarray:
     """Features of ``patches`` by ``how``: "symmetric" (flip-averaged) or "canonical"; the
     classes' own (``features``) and a split's (``split_features``)."""
-    if how not in SPLIT_FEATURES:
+    if how not in FEATURES:
         raise StageError(f"the classes were fitted on unknown features {how!r} (a model from a newer "
-                         f"release?); this one knows {SPLIT_FEATURES}")
+                         f"release?); this one knows {FEATURES}")
     return _features(_flip_averaged(patches) if how == "symmetric" else patches)
 
 
@@ -204,7 +204,7 @@ def _pca_fit(X: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _project(pca: dict, X: np.ndarray) -> np.ndarray:
-    """Features ``X`` (`_split_features` by the state's or the split's features) in the scaled principal
+    """Features ``X`` (`_features_of` by the state's or the split's features) in the scaled principal
     components of ``pca`` (a state, or a split: ``pca_mean``, ``pca_components``, ``pca_scale``)."""
     return (X - pca["pca_mean"]) @ pca["pca_components"].T / pca["pca_scale"]
 
@@ -250,7 +250,7 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     if len(patches) > cfg.max_samples:
         patches = patches[np.sort(rng.choice(len(patches), cfg.max_samples, replace=False))]
-    X = _split_features(patches, cfg.features)
+    X = _features_of(patches, cfg.features)
     n_pca = int(min(cfg.n_pca, X.shape[1], max(len(X) - 1, 1)))
     mean, comps, scale = _pca_fit(X, n_pca)
     state = {"features": cfg.features, "pca_mean": mean, "pca_components": comps, "pca_scale": scale}
@@ -309,7 +309,7 @@ def _splits(X: np.ndarray, patches: np.ndarray, nearest: np.ndarray, n_classes: 
     out = []
     how = cfg.split_features
     if how != cfg.features:
-        X = _split_features(patches, how)
+        X = _features_of(patches, how)
     for c in range(n_classes):
         sel = nearest == c
         n = int(sel.sum())
@@ -358,7 +358,7 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
         return {"label": np.zeros(0, np.int64), "nearest": np.zeros(0, np.int64),
                 "nearest_probability": np.zeros(0), "typicality": np.zeros(0)}
     main = state.get("features", "canonical")     # a state fitted before "features": canonical
-    X = _split_features(patches, main)
+    X = _features_of(patches, main)
     Z = _project(state, X)
     g = state["gmm"]
     post = g.predict_proba(Z)
@@ -372,7 +372,7 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
         if len(sel):
             how = sp.get("features", "canonical")     # a split fitted before "features": canonical
             if how not in by_how:
-                by_how[how] = _split_features(patches, how)
+                by_how[how] = _features_of(patches, how)
             sub = sp["gmm"].predict_proba(_project(sp, by_how[how][sel]))
             part = sub.argmax(axis=1)
             nearest[sel[part == 1]] = int(state["n_base_classes"]) + j
