@@ -1,6 +1,8 @@
 """The fast forms of the detector's steps give what the plain forms give: the FFT Gaussian of
 `image.filters` scipy.ndimage's numbers, the k-d-tree peak merge the peaks of the quadratic loop,
-and the border-pixel fill of the step band the value of a nearest pixel as a distance transform."""
+the border-pixel fill of the step band the value of a nearest pixel as a distance transform,
+the one-position median and sorted percentile numpy's numbers, and the candidate-window peaks
+skimage's `peak_local_max`."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from stm_defects.image.filters import GaussianBank, gaussian
+from stm_defects.image.peaks import local_peaks
+from stm_defects.image.robust import median, median_rows, percentile
 from stm_defects.improved.anomaly import _merge
 from stm_defects.improved.steps import fill_from_nearest
 
@@ -100,3 +104,48 @@ def test_fill_takes_a_nearest_known_pixel(seed):
         ok[k] = got[y, x] in set(values[ys[at], xs[at]].tolist())
     assert ok.all()
     assert np.array_equal(fill_from_nearest(values, np.zeros((h, w), bool)), values)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_median_and_percentile_are_numpys(dtype):
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 4, 5, 50, 51, 1000, 82_007):
+        for ties in (False, True):
+            x = rng.normal(scale=100, size=n)
+            if ties:
+                x = np.round(x / 50) * 50
+            x = x.astype(dtype)
+            want, got = np.median(x), median(x)
+            assert type(got) is type(want) and got == want, (n, ties)
+            q = [0.5, 2.5, 50, 97.5, 99.5]
+            w, g = np.percentile(x, q), percentile(x, q)
+            assert g.dtype == w.dtype and np.array_equal(g, w), (n, ties)
+            rows = x[: (n // 7) * 7].reshape(7, -1) if n >= 7 else x.reshape(1, -1)
+            w, g = np.median(rows, axis=1), median_rows(rows)
+            assert g.dtype == w.dtype and np.array_equal(g, w), (n, ties)
+
+
+def test_median_with_nan_or_nothing_is_numpys():
+    x = np.array([3.0, np.nan, 1.0, 2.0], np.float32)
+    assert np.isnan(median(x)) and np.isnan(median_rows(x[None]))[0]
+    with pytest.warns(RuntimeWarning):
+        assert np.isnan(median(np.zeros(0)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_peaks_are_peak_local_max(seed):
+    from skimage.feature import peak_local_max
+
+    rng = np.random.default_rng(seed)
+    for k in range(30):
+        h, w = rng.integers(5, 140, 2)
+        img = ndi.gaussian_filter(rng.normal(size=(h, w)), rng.uniform(0.3, 3.0))
+        img = (img / (np.abs(img).max() + 1e-12) * 10).astype(np.float32 if k % 2 else np.float64)
+        if k % 3 == 0:
+            img = np.round(img * 2) / 2            # plateaus: ties between neighbours
+        md, thr = int(rng.integers(1, 8)), float(rng.uniform(-2.0, 6.0))
+        want = peak_local_max(img, min_distance=md, threshold_abs=thr, exclude_border=False)
+        got = local_peaks(img, md, thr)
+        assert np.array_equal(got, want), (seed, k, md, thr)
+    flat = np.full((20, 30), 9.0)                 # a constant image has no peak, as in skimage
+    assert local_peaks(flat, 3, 5.0).shape == (0, 2)

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.transform import rescale
 
-from stm_defects.image.robust import MAD_TO_SIGMA, robust_location_scale, robust_sigma
+from stm_defects.image.robust import (
+    MAD_TO_SIGMA,
+    median,
+    median_rows,
+    percentile,
+    robust_location_scale,
+    robust_sigma,
+)
 
 _MIN_SIZE = 8
 
@@ -160,12 +167,12 @@ def level_plane(img, order: int = 1, iterations: int = 3, clip_sigma: float = 2.
     for _ in range(max(0, iterations)):
         resid = _plane_residual(a, order, coef)
         rs = resid.reshape(-1)[sample] if mask is None else resid.reshape(-1)[sample[mask.reshape(-1)[sample]]]
-        centre = float(np.median(rs)) if rs.size else 0.0
+        centre = float(median(rs)) if rs.size else 0.0
         # robust sigma (1.4826 x MAD) about the centre just found: `robust_sigma` without
         # taking the median twice
         np.subtract(rs, centre, out=rs)
         np.abs(rs, out=rs)
-        sigma = max(MAD_TO_SIGMA * float(np.median(rs)) if rs.size else 0.0, floor)
+        sigma = max(MAD_TO_SIGMA * float(median(rs)) if rs.size else 0.0, floor)
         del rs
         np.subtract(resid, centre, out=resid)
         np.abs(resid, out=resid)
@@ -200,9 +207,9 @@ def _n_terms(order: int) -> int:
 def align_rows(img) -> np.ndarray:
     """Scan-line alignment by median of differences between consecutive rows (cumulative)."""
     a = _check_image(img).astype(np.float64)
-    steps = np.median(np.diff(a, axis=0), axis=1)  # (H-1,) offset of each row w.r.t. the previous
+    steps = median_rows(np.diff(a, axis=0))  # (H-1,) offset of each row w.r.t. the previous
     offsets = np.concatenate([[0.0], np.cumsum(steps)])  # (H,)
-    offsets -= np.median(offsets)  # keep the overall level
+    offsets -= median(offsets)  # keep the overall level
     return (a - offsets[:, None]).astype(np.float32)
 
 
@@ -292,7 +299,7 @@ def normalize_span(img, low: float = 0.5, high: float = 99.5) -> tuple[np.ndarra
     """(`normalize`'s image, the height span it mapped onto [0, 1], in the input's units; 0 for a
     constant image): one unit of the result is that many nm of a calibrated scan."""
     a = np.asarray(img, dtype=np.float64)
-    lo, hi = np.percentile(a, [low, high])
+    lo, hi = percentile(a, [low, high])
     return _normalized(a, lo, hi), float(hi - lo) if hi > lo else 0.0
 
 

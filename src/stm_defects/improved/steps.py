@@ -23,7 +23,7 @@ from skimage.feature import canny
 from skimage.measure import label
 
 from stm_defects.image.filters import gaussian
-from stm_defects.image.robust import robust_location_scale
+from stm_defects.image.robust import median, robust_location_scale
 
 __all__ = [
     "StepConfig",
@@ -306,7 +306,7 @@ def terrace_background(img: np.ndarray, terr: Terraces, sigma: float, weight=Non
     lost = ~(sup > 1e-3)          # pixels no terrace reaches take the scan's median level
     del sup
     if lost.any():
-        out[lost] = float(np.median(a[~terr.band])) if (~terr.band).any() else 0.0
+        out[lost] = float(median(a[~terr.band])) if (~terr.band).any() else 0.0
     return out
 
 
