@@ -26,6 +26,7 @@ import base64
 import html
 import io
 import json
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -167,10 +168,26 @@ class _Collector:
                     continue
             self.crops[c].append(_data_uri(strip.crop((i * CROP_PX, 0, (i + 1) * CROP_PX, CROP_PX))))
         ov = _picture(self.out_dir, doc, "overlay")
-        thumb = _thumbnail(ov) if ov and len(self.rows) < MAX_THUMBS else None
+        # the thumbnail is made later, with the others (`thumbnails`): here only which picture
+        thumb = ov if ov and len(self.rows) < MAX_THUMBS else None
         self.rows.append({"image": doc.get("image", rel), "shape": doc.get("shape", []), "px": px,
                           "n": len(defects), "area": rec["area_nm2"], "counts": rec["counts"],
                           "link": ov.relative_to(self.out_dir).as_posix() if ov else None, "thumb": thumb})
+
+    def thumbnails_and_histograms(self) -> str | None:
+        """Each row's thumbnail (a data URI in place of its overlay's path, None where it could
+        not be read) and `histograms`' picture, made in threads: Pillow decodes and resizes
+        without the GIL, so the PNG decoding, most of the page's time, runs on every core while
+        matplotlib draws the histograms."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [r for r in self.rows if r["thumb"] is not None]
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            thumbs = pool.map(_thumbnail, [r["thumb"] for r in todo])
+            hist = self.histograms()
+            for r, t in zip(todo, thumbs):
+                r["thumb"] = t
+        return hist
 
     def histograms(self) -> str | None:
         """Defect area and height histograms per class, as one embedded PNG (None: no defects)."""
@@ -280,7 +297,7 @@ def write_report(out_dir: str | Path, jsons: Iterable[str], class_names: dict | 
     parts.append("<p class='muted'>Name a class with <code>stm name-class ID NAME</code>; names are stored with "
                  "the models and used by every later prediction.</p>")
 
-    hist = col.histograms()
+    hist = col.thumbnails_and_histograms()
     if hist:
         parts.append(f"<h2>Defect sizes and heights</h2><img src='{hist}' alt='histograms'>")
 
