@@ -32,7 +32,7 @@ CHILD = r"""
 import dataclasses, json, resource, statistics, sys, time
 import torch
 from stm_defects.analysis.dispatch import analyse, image_pixel_nm, preprocess_scan
-from stm_defects.analysis.heap import keep_heap_pad
+from stm_defects.analysis.heap import keep_freed_memory
 from stm_defects.config import load_params, predict_config
 import numpy as np
 from stm_defects.io.model_files import load_models
@@ -52,7 +52,7 @@ def peak_bytes():
 
 models_dir, params_path, method = sys.argv[1:4]
 files = sys.argv[4:]
-keep_heap_pad()   # as `stm predict` does
+keep_freed_memory()   # as `stm predict` does
 params = load_params(params_path)
 cfg = dataclasses.replace(predict_config(params), method=method)
 models = load_models(models_dir)

@@ -473,12 +473,12 @@ def predict(
     rename), a scan's JSON last. A second `stm predict` into the same OUT while one runs is
     refused. The outputs are the same byte for byte whatever --workers or --engine.
     """
-    from stm_defects.analysis.heap import keep_heap_pad
+    from stm_defects.analysis.heap import keep_freed_memory
     from stm_defects.errors import StageError
     from stm_defects.io.files import check_unlocked, output_folder, output_lock
 
     calibration = check_calibration(pixel_nm, scan_nm, field_from_name)
-    keep_heap_pad()             # a scan's temporaries reuse this process's pages (`analysis.heap`)
+    keep_freed_memory()             # a scan's temporaries reuse this process's pages (`analysis.heap`)
     if engine not in ENGINES:
         raise StageError(f"--engine {engine}: use one of {', '.join(ENGINES)}")
     if ray_address is not None and engine != "ray":

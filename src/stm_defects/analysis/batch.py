@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from stm_defects.analysis.dispatch import PredictConfig
-from stm_defects.analysis.heap import keep_heap_pad
+from stm_defects.analysis.heap import keep_freed_memory
 from stm_defects.analysis.predict import Failure, input_identity, try_predict_scan
 from stm_defects.errors import StageError
 from stm_defects.io.files import atomic_file, jsonable
@@ -304,7 +304,7 @@ def _init_worker(spec: ModelSpec, job: Job, threads: int | None) -> None:
     """Pool initializer: limit the threads, load the models once for this worker. A failure is
     kept and reported for each scan (an initializer that raises would break the whole pool)."""
     try:
-        keep_heap_pad()
+        keep_freed_memory()
         if threads:
             limit_threads(threads)
         _STATE["models"], _STATE["job"] = spec.load(), job

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 
 from stm_defects.analysis.batch import Job, ModelSpec, Task, limit_threads, predict_task
-from stm_defects.analysis.heap import keep_heap_pad
+from stm_defects.analysis.heap import keep_freed_memory
 from stm_defects.analysis.predict import Failure, failure_reason
 from stm_defects.errors import StageError
 
@@ -68,7 +68,7 @@ class PredictActor:
                 import ray
 
                 spec = ray.get(spec[0])
-            keep_heap_pad()
+            keep_freed_memory()
             limit_threads(1)
             self.models, self.job = spec.load(), job
         except Exception as err:  # noqa: BLE001 - reported per scan, as the process pool does

@@ -70,7 +70,7 @@ def run_stage(name: str, params: Params, root: Path, *, raw: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stm_defects.analysis.heap import keep_heap_pad
+    from stm_defects.analysis.heap import keep_freed_memory
     from stm_defects.errors import ConfigError, StageError
     from stm_defects.io.scans import ScanError
     from stm_defects.mlops.tracking import TrackingError
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         root = project_root()
-        keep_heap_pad()         # the stages' many scans reuse this process's pages (`analysis.heap`)
+        keep_freed_memory()         # the stages' many scans reuse this process's pages (`analysis.heap`)
         metrics = run_stage(args.stage, load_params(params_path(root)), root, track=not args.no_track)
     except (ScanError, ConfigError, StageError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
