@@ -114,12 +114,15 @@ def test_median_and_percentile_are_numpys(dtype):
             x = rng.normal(scale=100, size=n)
             if ties:
                 x = np.round(x / 50) * 50
+            if n > 4:
+                x[::5] = np.inf if dtype is not np.int64 else x[::5]
             x = x.astype(dtype)
             want, got = np.median(x), median(x)
             assert type(got) is type(want) and got == want, (n, ties)
             q = [0.5, 2.5, 50, 97.5, 99.5]
-            w, g = np.percentile(x, q), percentile(x, q)
-            assert g.dtype == w.dtype and np.array_equal(g, w), (n, ties)
+            with np.errstate(invalid="ignore"):   # numpy's inf - inf between an inf and a number
+                w, g = np.percentile(x, q), percentile(x, q)
+            assert g.dtype == w.dtype and np.array_equal(g, w, equal_nan=True), (n, ties)
             rows = x[: (n // 7) * 7].reshape(7, -1) if n >= 7 else x.reshape(1, -1)
             w, g = np.median(rows, axis=1), median_rows(rows)
             assert g.dtype == w.dtype and np.array_equal(g, w), (n, ties)
@@ -149,3 +152,11 @@ def test_local_peaks_are_peak_local_max(seed):
         assert np.array_equal(got, want), (seed, k, md, thr)
     flat = np.full((20, 30), 9.0)                 # a constant image has no peak, as in skimage
     assert local_peaks(flat, 3, 5.0).shape == (0, 2)
+    one = np.array([[5.0]])                       # ... but a one-pixel image above it has one
+    assert np.array_equal(local_peaks(one, 1, 1.0), peak_local_max(one, min_distance=1, threshold_abs=1.0,
+                                                                   exclude_border=False))
+    img = np.full((30, 40), -np.inf)              # infinite and integer values
+    img[5, 7], img[20, 30], img[21, 31] = 7.0, np.inf, 9.0
+    for a in (img, np.where(np.isfinite(img), img, -5).astype(np.int64)):
+        want = peak_local_max(a, min_distance=3, threshold_abs=1, exclude_border=False)
+        assert np.array_equal(local_peaks(a, 3, 1), want)

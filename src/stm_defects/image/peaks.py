@@ -11,7 +11,7 @@ when it equals the maximum of the (2 min_distance + 1)^2 square around it (the b
 its nearest pixel) and exceeds the threshold; peaks are taken strongest first (ties in raster
 order) and a peak closer than ``min_distance`` (Chebyshev) to one already taken is dropped; a
 constant image has no peak. Where the window approach would not pay (many pixels above the
-threshold) or the image holds NaN, skimage's own function answers.
+threshold), the image holds NaN or is one pixel, skimage's own function answers.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def local_peaks(image: np.ndarray, min_distance: int, threshold: float) -> np.nd
     r = int(min_distance)
     side = 2 * r + 1
     cand = np.flatnonzero(a > threshold)
-    if a.ndim != 2 or r < 1 or cand.size * side * side > _MAX_WINDOW_VALUES or np.isnan(a).any():
+    if a.ndim != 2 or a.size == 1 or r < 1 or cand.size * side * side > _MAX_WINDOW_VALUES or np.isnan(a).any():
         from skimage.feature import peak_local_max
 
         return peak_local_max(a, min_distance=r, threshold_abs=threshold, exclude_border=False)

@@ -6,6 +6,8 @@ partitions at several positions at once (the middle pair, and the last one for i
 which takes its generic selection routine, while a partition at one position, or a whole sort,
 takes its vectorised ones (about ten and three times faster at 10^5 pixels). A statistic depends
 only on the order statistics it reads, so the numbers are the same; arrays with NaN go to numpy.
+(Where equal values differ only in the sign of zero, 0.0 and -0.0, which of them is returned
+depends on the order a partition leaves them in, so the sign of a zero result may differ.)
 """
 
 from __future__ import annotations
