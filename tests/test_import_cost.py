@@ -1,5 +1,7 @@
-"""The default method predicts without importing torch (2-3 s of every command otherwise): the
-autoencoders are verified when the models load and built only when a method asks for them."""
+"""The default method predicts without importing torch (2-3 s of every command otherwise) or
+scikit-learn (0.6 s): the paper method's autoencoders and estimators are verified when the models
+load and built only when a method asks for them, and the default method's mixtures are scored by
+`models.mixture`."""
 from __future__ import annotations
 
 import os
@@ -18,9 +20,13 @@ from stm_defects.cli import app
 r = CliRunner().invoke(app, ["predict", sys.argv[1], "--models", sys.argv[2], "--out", sys.argv[3]] + sys.argv[4:])
 assert r.exit_code == 0, r.output
 print("torch after predict:", "torch" in sys.modules)
+print("sklearn after predict:", "sklearn" in sys.modules)
 from stm_defects.io.model_files import load_models
-load_models(sys.argv[2]).autoencoder("ae1")
+models = load_models(sys.argv[2])
+models.autoencoder("ae1")
 print("torch after building ae1:", "torch" in sys.modules)
+models.estimator("kmeans")
+print("sklearn after building kmeans:", "sklearn" in sys.modules)
 """
 
 
@@ -39,6 +45,8 @@ def test_a_default_method_prediction_does_not_import_torch(tmp_path):
     out = _run(tmp_path)
     assert "torch after predict: False" in out, out
     assert "torch after building ae1: True" in out, out       # the check can see torch
+    assert "sklearn after predict: False" in out, out
+    assert "sklearn after building kmeans: True" in out, out
     assert (tmp_path / "out" / "scan.json").is_file()
 
 
@@ -59,6 +67,7 @@ from stm_defects.io.model_files import load_models
 models = ModelSpec.from_folder(sys.argv[1], load_models(sys.argv[1])).load()   # what a worker loads
 limit_threads(1)
 print("torch in a worker:", "torch" in sys.modules, "OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"))
+print("sklearn in a worker:", "sklearn" in sys.modules)
 import torch
 print("torch threads:", torch.get_num_threads(), type(models.autoencoder("ae2")).__name__)
 """
@@ -71,4 +80,21 @@ def test_a_worker_loads_the_models_without_torch_and_passes_on_its_thread_limit(
                          capture_output=True, text=True, timeout=300, env=env)
     assert got.returncode == 0, got.stderr[-2000:]
     assert "torch in a worker: False OMP_NUM_THREADS 1" in got.stdout, got.stdout
+    assert "sklearn in a worker: False" in got.stdout, got.stdout
     assert "torch threads: 1 ConvAutoencoder" in got.stdout, got.stdout
+
+
+def test_a_bad_estimator_file_is_refused_when_the_models_load_not_when_first_used(tmp_path):
+    """The paper method's K-means is built on first use, but every check of the safe reader runs
+    when the models load: a file of the wrong kind (with a matching manifest) is refused there."""
+    import pytest
+
+    from stm_defects.io import safe_models
+    from stm_defects.io.model_files import load_models
+
+    d = tmp_path / "models"
+    tiny_models(d)
+    (d / "kmeans" / "kmeans.npz").write_bytes((d / "gmm" / "gmm.npz").read_bytes())
+    safe_models.write_manifest(d / "kmeans", "kmeans.npz")
+    with pytest.raises(safe_models.ModelFileError, match="kmeans.npz: not a kmeans model"):
+        load_models(d)

@@ -217,8 +217,11 @@ def test_load_models_reads_the_safe_files(tmp_path):
     models = load_models(tmp_path / "models")
     ref = safe_models.load(files["kmeans"], "kmeans")
     x = X.astype(np.float32)
-    assert np.array_equal(models.kmeans.predict(x), ref.predict(x))
-    assert np.array_equal(models.gmm.predict_proba(X), safe_models.load(files["gmm"], "gmm").predict_proba(X))
+    assert isinstance(models.kmeans, Deferred) and isinstance(models.gmm, Deferred)   # the paper method's
+    assert np.array_equal(models.estimator("kmeans").predict(x), ref.predict(x))
+    assert np.array_equal(models.estimator("gmm").predict_proba(X),
+                          safe_models.load(files["gmm"], "gmm").predict_proba(X))
+    assert models.kmeans is models.estimator("kmeans")                    # built once, then kept
     assert models.improved["classes"]["n_classes"] == 2
     assert models.config == {"method": "improved", "x": 1}                # the verified improved/config.json
     assert models.calibration == {"error_threshold": 0.1}
@@ -368,8 +371,8 @@ def test_load_registered_reads_the_safe_files(registry, monkeypatch):
     models = load_registered("Production")
     local = load_models(registry["root"] / "models")
     x = X.astype(np.float32)
-    assert np.array_equal(models.kmeans.predict(x), local.kmeans.predict(x))
-    assert np.array_equal(models.gmm.predict_proba(X), local.gmm.predict_proba(X))
+    assert np.array_equal(models.estimator("kmeans").predict(x), local.estimator("kmeans").predict(x))
+    assert np.array_equal(models.estimator("gmm").predict_proba(X), local.estimator("gmm").predict_proba(X))
     assert models.improved["classes"]["k"] == 2
     assert models.autoencoder("ae1").cfg.latent == 2 and not models.ae1.training
     assert models.calibration == {"error_threshold": 0.1}

@@ -14,11 +14,13 @@ import numpy as np
 
 
 class Deferred:
-    """A model whose file is already read and verified, built on first use (`Models.autoencoder`).
+    """A model whose file is already read and verified, built on first use (`Models.autoencoder`,
+    `Models.estimator`).
 
-    The loaders hold the autoencoders this way: the default method never uses them, so a
-    prediction with it neither imports torch (2-3 s) nor builds the networks. ``build`` is a
-    picklable callable (a `functools.partial` of a module-level function) returning the model."""
+    The loaders hold the paper method's models this way: the default method never uses them, so
+    a prediction with it neither imports torch (2-3 s) nor scikit-learn (0.6 s) nor builds them.
+    ``build`` is a picklable callable (a `functools.partial` of a module-level function)
+    returning the model."""
 
     __slots__ = ("build", "what")
 
@@ -34,7 +36,7 @@ class Models:
     """Everything prediction needs. `calibration` holds values fitted on the training scans."""
 
     ae1: object = None          # autoencoders: a torch module, or `Deferred` (use `autoencoder`)
-    kmeans: object = None
+    kmeans: object = None       # the paper method's estimators: fitted, or `Deferred` (use `estimator`)
     ae2: object | None = None
     gmm: object | None = None
     calibration: dict = field(default_factory=dict)   # error_threshold, target_clusters
@@ -48,6 +50,16 @@ class Models:
         (then kept); None when the set has none."""
         if key not in ("ae1", "ae2"):
             raise KeyError(f"no autoencoder {key!r} in a model set (ae1, ae2)")
+        return self._built(key)
+
+    def estimator(self, key: str):
+        """The paper method's fitted ``key`` ("kmeans" or "gmm"), built now if it was loaded
+        `Deferred` (then kept); None when the set has none."""
+        if key not in ("kmeans", "gmm"):
+            raise KeyError(f"no estimator {key!r} in a model set (kmeans, gmm)")
+        return self._built(key)
+
+    def _built(self, key: str):
         model = getattr(self, key)
         if isinstance(model, Deferred):
             model = model.build()

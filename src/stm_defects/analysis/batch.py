@@ -140,14 +140,11 @@ class ModelSpec:
         return hashlib.sha256(json.dumps(jsonable(doc), sort_keys=True).encode()).hexdigest()
 
     def load(self) -> Models:
-        """The `Models`, rebuilt from the bytes with the safe readers only (the autoencoders
-        `Deferred`: built when a method first uses them)."""
-        from stm_defects.io import safe_models
-        from stm_defects.io.model_files import AUTOENCODERS, deferred_autoencoder
+        """The `Models`, rebuilt from the bytes with the safe readers only (the paper method's
+        models `Deferred`: built when it first uses them)."""
+        from stm_defects.io.model_files import model_from_bytes
 
-        loaded = {key: deferred_autoencoder(data, f"{key} {name}") if key in AUTOENCODERS
-                  else safe_models.loads(data, key, f"{key} {name}")
-                  for key, (name, data) in self.files.items()}
+        loaded = {key: model_from_bytes(key, data, f"{key} {name}") for key, (name, data) in self.files.items()}
         return Models(calibration=dict(self.calibration), versions=self.versions,
                       class_names=dict(self.class_names), config=self.config, **loaded)
 
@@ -411,7 +408,8 @@ def class_labels(models: Models, cfg: PredictConfig) -> list[tuple[int | None, s
         classes = state.get("classes") if isinstance(state.get("classes"), dict) else {}
         n = int(classes.get("n_classes") or 0)
     elif models.gmm is not None and models.ae2 is not None:
-        n = int(getattr(models.gmm, "n_components_", None) or getattr(models.gmm, "n_components", 0) or 0)
+        gmm = models.estimator("gmm")
+        n = int(getattr(gmm, "n_components_", None) or getattr(gmm, "n_components", 0) or 0)
     named = [int(k) for k in models.class_names if str(k).lstrip("-").isdigit() and int(k) >= 0]
     n = max([n, *(k + 1 for k in named)])
     labels: list[tuple[int | None, str]] = []

@@ -58,10 +58,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
-from sklearn.metrics import adjusted_rand_score
-from sklearn.mixture import GaussianMixture
 
 from stm_defects.errors import StageError
+from stm_defects.models import mixture
 
 __all__ = [
     "ClassifyConfig",
@@ -209,7 +208,9 @@ def _project(pca: dict, X: np.ndarray) -> np.ndarray:
     return (X - pca["pca_mean"]) @ pca["pca_components"].T / pca["pca_scale"]
 
 
-def _gmm(k: int, cfg: ClassifyConfig, seed: int) -> GaussianMixture:
+def _gmm(k: int, cfg: ClassifyConfig, seed: int):
+    from sklearn.mixture import GaussianMixture  # fitting only: predicting needs no scikit-learn
+
     return GaussianMixture(k, covariance_type=cfg.covariance, n_init=int(cfg.n_init), random_state=seed,
                            reg_covar=1e-3, max_iter=300)
 
@@ -268,7 +269,7 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
             a_idx, b_idx = perm[: n // 2], perm[n // 2:]
             ga = _gmm(k, cfg, seed + 1 + 2 * b).fit(Z[a_idx])
             gb = _gmm(k, cfg, seed + 2 + 2 * b).fit(Z[b_idx])
-            stab.append(adjusted_rand_score(ga.predict(Z), gb.predict(Z)))
+            stab.append(_ari(ga.predict(Z), gb.predict(Z)))
         table.append({"k": k, "bic": bic, "stability": float(np.mean(stab))})
         table[-1]["_model"] = g
     stable = [t for t in table if t["stability"] >= cfg.stability_min]
@@ -290,6 +291,12 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
         "selection": [{k: v for k, v in t.items() if k != "_model"} for t in table],
     })
     return state
+
+
+def _ari(a: np.ndarray, b: np.ndarray) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    return adjusted_rand_score(a, b)
 
 
 def _class_posteriors(post: np.ndarray, cmap: np.ndarray, n_classes: int) -> np.ndarray:
@@ -360,8 +367,8 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
     main = state.get("features", "canonical")     # a state fitted before "features": canonical
     X = _features_of(patches, main)
     Z = _project(state, X)
-    g = state["gmm"]
-    post = g.predict_proba(Z)
+    g = state["gmm"]      # a fitted scikit-learn mixture, or as `io.safe_models` loads one
+    post = mixture.predict_proba(g, Z)
     cp = _class_posteriors(post, state["component_class"], int(state.get("n_base_classes", state["n_classes"])))
     nearest = cp.argmax(axis=1)
     prob = cp[np.arange(len(Z)), nearest]
@@ -373,11 +380,11 @@ def classify_patches(state: dict, patches: np.ndarray) -> dict[str, np.ndarray]:
             how = sp.get("features", "canonical")     # a split fitted before "features": canonical
             if how not in by_how:
                 by_how[how] = _features_of(patches, how)
-            sub = sp["gmm"].predict_proba(_project(sp, by_how[how][sel]))
+            sub = mixture.predict_proba(sp["gmm"], _project(sp, by_how[how][sel]))
             part = sub.argmax(axis=1)
             nearest[sel[part == 1]] = int(state["n_base_classes"]) + j
             prob[sel] *= sub[np.arange(len(sel)), part]
-    ll = g.score_samples(Z)
+    ll = mixture.score_samples(g, Z)
     unknown = ll < state["loglik_threshold"]
     q = state.get("loglik_quantiles")
     typ = (np.interp(ll, np.asarray(q, np.float64), np.linspace(0.0, 1.0, len(q)))

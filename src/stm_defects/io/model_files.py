@@ -66,26 +66,43 @@ def load_model(folder: str | Path, key: str):
     return safe_models.loads(read_verified(folder, name), key, str(folder / name))
 
 
-def _deferred_model(folder: Path, key: str):
-    """`load_model`, with an autoencoder read and verified now but built on first use."""
+def deferred_estimator(data: bytes, key: str, where: str) -> Deferred:
+    """The paper method's K-means or GMM of verified safe-format bytes: every check of the
+    safe reader now (a bad or planted file is refused at load), built (and scikit-learn
+    imported) on first use."""
+    safe_models.check(data, key, where)
+    return Deferred(partial(safe_models.loads, data, key, where), where)
+
+
+def model_from_bytes(key: str, data: bytes, where: str):
+    """Model ``key`` from verified file bytes, as a prediction holds it: the paper method's
+    models (autoencoders, K-means, GMM) `Deferred`, the default method's state built."""
     if key in AUTOENCODERS:
-        return deferred_autoencoder(read_verified(folder, MODEL_FILES[key]), str(folder / MODEL_FILES[key]))
-    return load_model(folder, key)
+        return deferred_autoencoder(data, where)
+    if key in ("kmeans", "gmm"):
+        return deferred_estimator(data, key, where)
+    return safe_models.loads(data, key, where)
+
+
+def _deferred_model(folder: Path, key: str):
+    """`load_model`, with the paper method's models read and verified now but built on first use."""
+    return model_from_bytes(key, read_verified(folder, MODEL_FILES[key]), str(folder / MODEL_FILES[key]))
 
 
 def load_models(models_dir: str | Path, calibration_path: str | Path | None = None,
                 stage2: bool = True) -> Models:
     """Load `<models_dir>/{ae1,kmeans}` (and `ae2`, `gmm` with `stage2`, `improved` when present).
 
-    The autoencoders' files are verified now and the networks built when a method first asks
-    for them (`results.Models.autoencoder`): the default method never does, and skips torch.
+    The paper method's files are verified now and its autoencoders and estimators built when it
+    first asks for them (`results.Models.autoencoder`, `.estimator`): the default method never
+    does, and imports neither torch nor scikit-learn.
 
     `improved/` is optional, but a folder that is there must be complete (have its manifest).
     The prediction config is `config.json` in the folder when present, else the verified
     `improved/config.json` (the config the models were built and evaluated with).
     """
     d = Path(models_dir)
-    models = Models(ae1=_deferred_model(d / "ae1", "ae1"), kmeans=load_model(d / "kmeans", "kmeans"),
+    models = Models(ae1=_deferred_model(d / "ae1", "ae1"), kmeans=_deferred_model(d / "kmeans", "kmeans"),
                     versions={"ae1": str(d / "ae1"), "kmeans": str(d / "kmeans")})
     calibration_path = Path(calibration_path or d / "calibration.json")
     if calibration_path.is_file():
@@ -101,11 +118,12 @@ def load_models(models_dir: str | Path, calibration_path: str | Path | None = No
                 raise ModelFileError(f"{improved / 'config.json'}: not JSON ({err})") from None
     if stage2:
         models.ae2 = _deferred_model(d / "ae2", "ae2")
-        models.gmm = load_model(d / "gmm", "gmm")
+        models.gmm = _deferred_model(d / "gmm", "gmm")
         models.versions |= {"ae2": str(d / "ae2"), "gmm": str(d / "gmm")}
     if (d / "config.json").is_file():
         models.config = read_json(d / "config.json")
     return models
 
 
-__all__ = ["MANIFEST", "autoencoder_from_bytes", "deferred_autoencoder", "load_autoencoder", "load_model", "load_models"]
+__all__ = ["MANIFEST", "autoencoder_from_bytes", "deferred_autoencoder", "deferred_estimator", "load_autoencoder",
+           "load_model", "load_models", "model_from_bytes"]

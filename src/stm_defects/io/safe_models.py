@@ -62,7 +62,9 @@ __all__ = [
     "MANIFEST",
     "MODEL_FILES",
     "ModelFileError",
+    "ALLOWED_NAMES",
     "allowed_estimators",
+    "check",
     "dumps",
     "file_sha256",
     "load",
@@ -109,6 +111,18 @@ def file_sha256(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- estimators
+ALLOWED_NAMES = ("sklearn.pipeline.Pipeline", "sklearn.preprocessing.MinMaxScaler", "sklearn.cluster.KMeans",
+                 "sklearn.cluster.MiniBatchKMeans", "sklearn.mixture.GaussianMixture",
+                 "stm_defects.models.cluster.LatentKMeans", "stm_defects.models.cluster.GMMSelector")
+"""The estimator names a safe model file may hold (the keys of `allowed_estimators`)."""
+
+_KIND_NAMES = {"kmeans": ("sklearn.pipeline.Pipeline", "sklearn.cluster.KMeans", "sklearn.cluster.MiniBatchKMeans",
+                          "stm_defects.models.cluster.LatentKMeans"),
+               "gmm": ("stm_defects.models.cluster.GMMSelector", "sklearn.mixture.GaussianMixture")}
+
+_MIXTURE = "sklearn.mixture.GaussianMixture"
+
+
 def allowed_estimators() -> dict[str, type]:
     """Name in the file -> class: the only classes a safe model file can rebuild."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
@@ -133,10 +147,43 @@ def _kind_ok(kind: str, obj: Any, classes: dict[str, type]) -> bool:
     """Whether `obj` (the decoded tree) is what a model of `kind` must be."""
     if kind == "improved":
         return isinstance(obj, dict)
-    names = {"kmeans": ("sklearn.pipeline.Pipeline", "sklearn.cluster.KMeans", "sklearn.cluster.MiniBatchKMeans",
-                        "stm_defects.models.cluster.LatentKMeans"),
-             "gmm": ("stm_defects.models.cluster.GMMSelector", "sklearn.mixture.GaussianMixture")}[kind]
-    return type(obj) in {classes[n] for n in names}
+    if isinstance(obj, _Unbuilt):
+        return obj.name in _KIND_NAMES[kind]
+    return type(obj) in {classes[n] for n in _KIND_NAMES[kind]}
+
+
+class _Unbuilt:
+    """An estimator node checked (allowed name, well-formed state) but not built: `check`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __setstate__(self, state: dict) -> None:
+        pass
+
+
+class _Classes:
+    """The classes a decoder builds, by name, importing scikit-learn only when a name needs it:
+    in the default method's state (kind ``improved``) a GaussianMixture is rebuilt as
+    `models.mixture.FittedGaussianMixture` (the same predictions), so loading that state imports
+    no scikit-learn; with ``build=False`` nothing is built (`check`)."""
+
+    def __init__(self, kind: str, build: bool = True):
+        self.kind, self.build = kind, build
+        self._all: dict[str, type] | None = None
+
+    def get(self, name: str):
+        if name not in ALLOWED_NAMES:
+            return None
+        if not self.build:
+            return lambda: _Unbuilt(name)
+        if self.kind == "improved" and name == _MIXTURE:
+            from stm_defects.models.mixture import FittedGaussianMixture
+
+            return FittedGaussianMixture
+        if self._all is None:
+            self._all = allowed_estimators()
+        return self._all.get(name)
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -245,7 +292,7 @@ class _Decoder:
             state = self(v["state"])
             if not isinstance(state, dict):
                 raise ModelFileError(f"{v['$estimator']}: its state is not a dict")
-            obj = cls.__new__(cls)
+            obj = cls() if not isinstance(cls, type) else cls.__new__(cls)   # `_Unbuilt` by name
             obj.__setstate__(state)
             return obj
         raise ModelFileError(f"unexpected node {str(v)[:80]!r}")
@@ -263,7 +310,10 @@ def dumps(obj: Any, kind: str) -> bytes:
     classes = allowed_estimators()
     if not _kind_ok(kind, obj, classes):
         raise TypeError(f"a {type(obj).__name__} is not a {kind} model")
-    enc = _Encoder(classes)
+    from stm_defects.models.mixture import FittedGaussianMixture
+
+    enc = _Encoder({**classes, "stm_defects.models.mixture.FittedGaussianMixture": FittedGaussianMixture})
+    enc.names[FittedGaussianMixture] = _MIXTURE        # stored as the GaussianMixture it was read from
     header = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "tree": enc(obj)}
     text = json.dumps(header, allow_nan=False, separators=(",", ":"))
     members = {_HEADER: np.frombuffer(text.encode("utf-8"), np.uint8), **enc.arrays}
@@ -290,12 +340,13 @@ def save(path: str | Path, obj: Any, kind: str) -> Path:
 
 
 # ------------------------------------------------------------------------------ reading
-def loads(data: bytes, kind: str, where: str = "model file") -> Any:
+def loads(data: bytes, kind: str, where: str = "model file", *, build: bool = True) -> Any:
     """The model of `kind` stored in `data` (safe-format bytes). Never unpickles anything.
 
     `where` names the source in error messages (a path, or a registry model and version).
     Raises ModelFileError for anything else: a pickle, a plain `.npy`, a truncated zip, another
-    kind of model, an unknown class, object arrays.
+    kind of model, an unknown class, object arrays. ``build=False`` (`check`) makes every one of
+    these checks and builds no estimator (returns None).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
@@ -320,16 +371,22 @@ def loads(data: bytes, kind: str, where: str = "model file") -> Any:
                                  f"{FORMAT_VERSION}")
         if header.get("kind") != kind:
             raise ModelFileError(f"it holds a {header.get('kind')!r} model")
-        classes = allowed_estimators()
+        classes = _Classes(kind, build)
         obj = _Decoder(arrays, classes)(header.get("tree"))
-        if not _kind_ok(kind, obj, classes):
-            raise ModelFileError(f"it holds a {type(obj).__name__}")
-        return obj
+        if not _kind_ok(kind, obj, {} if isinstance(obj, (dict, _Unbuilt)) else allowed_estimators()):
+            raise ModelFileError(f"it holds a {obj.name if isinstance(obj, _Unbuilt) else type(obj).__name__}")
+        return obj if build else None
     except ModelFileError as err:
         raise ModelFileError(f"{hint} ({err})") from None
     except Exception as err:  # noqa: BLE001 - any failure to parse untrusted bytes is the same refusal
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise ModelFileError(f"{hint} ({reason})") from None
+
+
+def check(data: bytes, kind: str, where: str = "model file") -> None:
+    """Every check of `loads` on `data`, without building its estimators (no scikit-learn import):
+    what a loader runs on a model it builds only when first used (`results.Deferred`)."""
+    loads(data, kind, where, build=False)
 
 
 def load(path: str | Path, kind: str) -> Any:

@@ -1058,14 +1058,13 @@ def _check_file_tags(key: str, mv) -> None:
 
 
 def _model_from(key: str, data: bytes, where: str):
-    """The model in verified file bytes `data`: checkpoints `Deferred`, built
-    with `torch.load(weights_only=True)` on first use; the rest with the safe `.npz` reader."""
+    """The model in verified file bytes `data`, as `io.model_files.model_from_bytes` holds it:
+    the paper method's `Deferred` (checkpoints built with `torch.load(weights_only=True)`, the
+    estimators with the safe `.npz` reader, on first use), the default method's state built."""
     from stm_defects.io import safe_models
-    from stm_defects.io.model_files import AUTOENCODERS, deferred_autoencoder
+    from stm_defects.io.model_files import model_from_bytes
 
-    if key in AUTOENCODERS:
-        return deferred_autoencoder(data, f"{where} {safe_models.MODEL_FILES[key]}")
-    return safe_models.loads(data, key, f"{where} {safe_models.MODEL_FILES[key]}")
+    return model_from_bytes(key, data, f"{where} {safe_models.MODEL_FILES[key]}")
 
 
 def _load_version(key: str, mv, dst: Path):

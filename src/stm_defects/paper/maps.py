@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from sklearn.exceptions import NotFittedError
 
 from stm_defects.image.windows import extract_windows, mean_map, vote_map, window_origins
 
@@ -76,6 +75,8 @@ def character_map(
     else:
         patches, origins = extract_windows(img, size, stride)
         latents = _batched(encode_fn, patches, batch).reshape(len(patches), -1)
+    from sklearn.exceptions import NotFittedError  # here: importing the module needs no scikit-learn
+
     try:
         labels = kmeans.predict(latents)
     except NotFittedError:

@@ -88,7 +88,7 @@ def stage1_maps(img01: np.ndarray, models: Models, cfg: PaperConfig) -> tuple[np
         from stm_defects.models.dense import encode_windows
 
         windows_fn = partial(encode_windows, ae1, size=size)     # (img, origins) -> latents
-    cmap, _, _ = character_map(img01, lambda p: encode(ae1, p), models.kmeans, size=size,
+    cmap, _, _ = character_map(img01, lambda p: encode(ae1, p), models.estimator("kmeans"), size=size,
                                stride=maps.char_stride, encode_windows_fn=windows_fn)
     emap = error_map(img01, lambda p: reconstruct(ae1, p), size=size,
                      stride=maps.error_stride, sigma=maps.error_sigma)
@@ -124,7 +124,7 @@ def classify_regions(img01, mask, regions, models: Models, cfg: PaperConfig) -> 
         centres = np.concatenate([centres.reshape(-1, 2), extra])
     from stm_defects.models.training import encode
 
-    proba = models.gmm.predict_proba(encode(models.autoencoder("ae2"), patches))   # (M, k)
+    proba = models.estimator("gmm").predict_proba(encode(models.autoencoder("ae2"), patches))   # (M, k)
     owner = lab[centres[:, 0], centres[:, 1]]                               # region label per patch
     out = []
     for r, key in zip(regions, keys):
