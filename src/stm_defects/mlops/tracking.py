@@ -1303,6 +1303,10 @@ def number_of_classes(model, key: str) -> int:
     if key == "improved":
         classes = (model or {}).get("classes") if isinstance(model, dict) else None
         return int(classes["n_classes"]) if classes else 0
+    from stm_defects.results import Deferred
+
+    if isinstance(model, Deferred):                     # as a prediction loads it: build it now
+        model = model.build()
     n = getattr(model, "n_components_", None)          # the GMM selector: its chosen k
     return int(n if n is not None else getattr(model, "n_components", 0))
 
