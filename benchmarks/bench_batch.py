@@ -7,8 +7,8 @@ bytes from one process and from a pool; and the registry model set's cold vs war
 
 A check, not a timed test: it prints markdown tables and exits 1 when a property fails.
 
-Batch: ``--n`` tiny synthetic scans (``--size`` px, noise and a few Gaussian bumps, float32
-.npy, 100 per folder) are predicted by a fresh `stm predict --models MODELS --pixel-nm 0.1`
+Batch: ``--n`` synthetic scans (``--size`` px, float32 .npy, 100 per folder; ``--kind bumps``:
+noise and a few Gaussian bumps, ``--kind si001``: the embedded Si(001) generator) are predicted by a fresh `stm predict --models MODELS --pixel-nm 0.1`
 process per row. Reported: wall time, scans/s, and the peak resident memory of the `stm predict`
 process itself (``ru_maxrss`` from `os.wait4`; worker processes have their own, flat by
 construction). Memory is measured at n/10 and at n scans with the first --workers value: the
@@ -43,10 +43,25 @@ REPO = Path(__file__).resolve().parents[1]
 STM = [sys.executable, "-m", "stm_defects.cli"]
 
 
-def make_scans(folder: Path, n: int, size: int, seed: int = 0) -> Path:
-    """``n`` scans of ``size`` x ``size`` (noise, a tilt and 0-3 bumps) in folders of 100."""
+def make_scans(folder: Path, n: int, size: int, seed: int = 0, kind: str = "bumps") -> Path:
+    """``n`` scans of ``size`` x ``size`` in folders of 100: ``bumps``, noise, a tilt and 0-3
+    bumps (no lattice, few defects: little work per scan); ``si001``, the embedded data's
+    Si(001) generator (`data.synth`, lattice, steps and defects) at 0.1 nm/px, in nm."""
     import numpy as np
 
+    if kind == "si001":
+        import dataclasses
+
+        from stm_defects.config import load_params
+        from stm_defects.data.synth import synth_scan
+
+        synth = dataclasses.replace(load_params(Path(__file__).resolve().parents[1] / "params.yaml").synth,
+                                    size=size, pixel_nm=0.1)
+        for i in range(n):
+            f = folder / f"batch{i // 100:03d}" / f"scan{i:05d}.npy"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            np.save(f, synth_scan(synth, 7000 + seed * 100_000 + i).height.astype(np.float32))
+        return folder
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     for i in range(n):
@@ -88,7 +103,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 def bench_batch(args, work: Path) -> bool:
     good = True
-    scans = make_scans(work / "scans", args.n, args.size)
+    scans = make_scans(work / "scans", args.n, args.size, kind=args.kind)
     folders = sorted(scans.iterdir())
     small = folders[: max(1, len(folders) // 10)]        # a tenth of the folders, given one by one
     n_small = sum(1 for d in small for _ in d.glob("*.npy"))
@@ -136,7 +151,7 @@ def bench_batch(args, work: Path) -> bool:
           f"{'all skipped' if skipped else 'NOT all skipped: ' + again['stdout'][-300:]}")
 
     same = work / "same"
-    make_scans(same, args.same, 4 * args.size, seed=1)
+    make_scans(same, args.same, 4 * args.size, seed=1, kind=args.kind)
     one, many = work / "same-w1", work / f"same-w{max(args.workers)}"
     r1 = run_stm(["predict", same, "--out", one, "--workers", 1, *common])
     r2 = run_stm(["predict", same, "--out", many, "--workers", max(args.workers), *common])
@@ -228,6 +243,9 @@ def main() -> None:
     ap.add_argument("--models", default="models", help="a models folder (`make run`'s models/)")
     ap.add_argument("--n", type=int, default=10_000, help="scans in the batch")
     ap.add_argument("--size", type=int, default=32, help="scan side in px")
+    ap.add_argument("--kind", choices=("bumps", "si001"), default="bumps",
+                    help="bumps: noise and a few bumps; si001: synthetic Si(001) scans with lattice, steps "
+                         "and defects, as users predict")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--workers values to time")
     ap.add_argument("--same", type=int, default=40, help="scans of the byte-for-byte comparison")
     ap.add_argument("--max-bytes-per-scan", type=float, default=2048)
