@@ -556,16 +556,14 @@ def is_all_directions(direction: str | None) -> bool:
 
 
 def _import_report_meanwhile() -> None:
-    """Import what the report needs at the end (matplotlib: 0.5-1 s) in a thread, while this
-    process only waits for workers; the import lock makes a later import wait for it."""
+    """Import what the report needs at the end (matplotlib's figure and Agg canvas) in a thread,
+    while this process only waits for workers; the import lock makes a later import wait for it."""
     import threading
 
     def imports() -> None:
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot  # noqa: F401
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
         except Exception:  # noqa: BLE001 - the report's own import says what is wrong, in one line
             pass
 
