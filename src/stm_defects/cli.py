@@ -601,8 +601,13 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     tally = {"done": 0, "defects": 0, "uncalibrated": 0}
     uncalibrated: list[str] = []
 
+    meanwhile: list[bool] = []        # with workers: the report's imports start once they run
+
     with _progress(len(tasks), "predict") as bar:
         def on_result(task, got) -> None:
+            if meanwhile and not meanwhile[0]:
+                meanwhile[0] = True
+                _import_report_meanwhile()
             if isinstance(got, Failure):
                 log_failure(got)
                 failed.append((task.index, got))
@@ -619,10 +624,10 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
         if engine == "ray" and tasks:
             from stm_defects.mlops.ray_engine import predict_with_ray
 
-            _import_report_meanwhile()
+            meanwhile.append(False)
             predict_with_ray(tasks, spec, job, workers, on_result, address=ray_address)
         elif workers > 1 and len(tasks) > 1:
-            _import_report_meanwhile()
+            meanwhile.append(False)     # not before: it would compete with the workers' start
             batch.run_pool(tasks, spec, job, min(workers, len(tasks)), on_result)
         else:
             for task in tasks:
