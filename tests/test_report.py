@@ -139,3 +139,18 @@ def test_report_renders_offline_in_headless_chromium(report, tmp_path):
     assert imgs and all(a.get("src", "").startswith("data:image/") for a in imgs)
     text = " ".join(p.text)
     assert "per 100 nm" in text and "vacancy" in text and "truncated file" in text
+
+
+def test_thumbnails_made_from_the_drawn_overlays_give_the_same_page(tmp_path):
+    """`stm predict` hands the report thumbnails made from the overlays it drew (`thumbnail_uri`);
+    a rebuilt report (a resumed run) makes them from the PNGs: the same page, byte for byte."""
+    from PIL import Image
+
+    from stm_defects.analysis.report import thumbnail_uri
+
+    scans = [_scan_json(tmp_path, f"s{i}", 4, 0.1, i) for i in range(3)]
+    from_png = write_report(tmp_path, scans).read_bytes()
+    drawn = {s: thumbnail_uri(Image.open(tmp_path / s.replace(".json", "_overlay.png"))) for s in scans[:2]}
+    assert write_report(tmp_path, scans, thumbs=drawn).read_bytes() == from_png
+    wrong = {scans[0]: "data:image/jpeg;base64,AAAA"}          # and the ones given are used
+    assert b"base64,AAAA" in write_report(tmp_path, scans, thumbs=wrong).read_bytes()

@@ -602,6 +602,9 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     uncalibrated: list[str] = []
 
     meanwhile: list[bool] = []        # with workers: the report's imports start once they run
+    from stm_defects.analysis.report import MAX_THUMBS
+
+    thumbs: dict[str, str] = {}       # JSON -> its overlay's report thumbnail, made by the workers
 
     with _progress(len(tasks), "predict") as bar:
         def on_result(task, got) -> None:
@@ -613,6 +616,8 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
                 failed.append((task.index, got))
             else:
                 produced.add(got["json"])
+                if got.get("thumb") and len(thumbs) < MAX_THUMBS:   # kept for the report: at most
+                    thumbs[got["json"]] = got["thumb"]               # MAX_THUMBS of ~10 kB
                 tally["done"] += 1
                 tally["defects"] += got["n_defects"]
                 if not got["calibrated"]:
@@ -655,7 +660,7 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
         from stm_defects.analysis.report import write_report
 
         try:            # the page a person opens: densities, gallery, histograms, every scan
-            write_report(out, report.jsons, bundle.class_names, load=batch.read_prediction,
+            write_report(out, report.jsons, bundle.class_names, load=batch.read_prediction, thumbs=thumbs,
                          failures=[{"scan": f.scan, "stage": f.stage, "reason": f.reason} for f in failures])
         except OSError as err:
             table_errors.append(err)

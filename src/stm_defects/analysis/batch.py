@@ -270,7 +270,7 @@ def predict_task(models: Models, job: Job, task: Task) -> dict | Failure:
             got = dataclasses.replace(got, scan=f"{got.scan} ({task.direction})")
         return got
     return {"index": task.index, "scan": got["scan"], "json": got["json"], "n_defects": got["n_defects"],
-            "calibrated": bool(got["pixel_nm"])}
+            "calibrated": bool(got["pixel_nm"]), "thumb": got.get("thumb")}
 
 
 def limit_threads(n: int) -> None:

@@ -43,6 +43,7 @@ from stm_defects.analysis.figures import (
     defect_heights,
     scan_figure,
 )
+from stm_defects.analysis.report import thumbnail_uri
 from stm_defects.io.files import describe_os_error, save_picture, write_csv, write_json
 from stm_defects.io.safe_models import file_sha256
 from stm_defects.io.scans import Scan, ScanError, read_scan, require_min_size
@@ -241,9 +242,10 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
     px = image_pixel_nm(scan, scale)
     display = result.display if result.display is not None else img
     names = models.class_names
-    save_picture(out / f"{stem}_overlay.png",
-                  scan_figure(display, local, px, getattr(result, "z_per_unit", None), scan.unit, names,
-                              title=f"{path.name}: {len(local)} defect{'s' if len(local) != 1 else ''}"))
+    overlay = scan_figure(display, local, px, getattr(result, "z_per_unit", None), scan.unit, names,
+                          title=f"{path.name}: {len(local)} defect{'s' if len(local) != 1 else ''}")
+    save_picture(out / f"{stem}_overlay.png", overlay)
+    thumb = thumbnail_uri(overlay)      # the report's, made here from the picture in memory
     save_picture(out / f"{stem}_classes.png", class_figure(display, result.class_map, local, px, names))
     save_picture(out / f"{stem}_character.png",
                   character_figure(result.char_map, result.error_map, px, cfg.improved.anomaly.threshold,
@@ -271,7 +273,7 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
     counts = Counter("unclassified" if d["class"] is None else (d["name"] or f"class_{d['class']}")
                      for d in defects)
     return {"scan": str(path), "stem": stem, "json": f"{stem}.json", "n_defects": len(defects),
-            "counts": dict(counts), "area_nm2": area_nm2, "pixel_nm": scan.pixel_nm}
+            "counts": dict(counts), "area_nm2": area_nm2, "pixel_nm": scan.pixel_nm, "thumb": thumb}
 
 
 # ------------------------------------------------------------------------------------ batches

@@ -114,12 +114,19 @@ def _data_uri(img: Image.Image, fmt: str = "PNG") -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
+def thumbnail_uri(picture: Image.Image) -> str:
+    """The page's thumbnail of an overlay picture (a JPEG data URI). `stm predict` makes it from
+    the overlay it has just drawn (`analysis.predict.write_prediction`), which saves decoding the
+    PNG again here; the PNG is lossless, so both give the same bytes."""
+    im = picture.convert("RGB")
+    im.thumbnail((THUMB_PX, THUMB_PX))
+    return _data_uri(im, "JPEG")
+
+
 def _thumbnail(path: Path) -> str | None:
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_PX, THUMB_PX))
-            return _data_uri(im, "JPEG")
+            return thumbnail_uri(im)
     except (OSError, ValueError):
         return None
 
@@ -129,8 +136,8 @@ class _Collector:
     areas and heights, up to `GALLERY_PER_CLASS` crops per class and the first `MAX_THUMBS`
     thumbnails. Memory grows with the number of defects by two floats each, not with the JSONs."""
 
-    def __init__(self, out_dir: Path, names: dict):
-        self.out_dir, self.names = out_dir, names
+    def __init__(self, out_dir: Path, names: dict, thumbs: dict | None = None):
+        self.out_dir, self.names, self.thumbs = out_dir, names, thumbs or {}
         self.records: list[dict] = []
         self.rows: list[dict] = []
         self.area: dict[str, list] = defaultdict(list)
@@ -169,7 +176,9 @@ class _Collector:
             self.crops[c].append(_data_uri(strip.crop((i * CROP_PX, 0, (i + 1) * CROP_PX, CROP_PX))))
         ov = _picture(self.out_dir, doc, "overlay")
         # the thumbnail is made later, with the others (`thumbnails`): here only which picture
-        thumb = ov if ov and len(self.rows) < MAX_THUMBS else None
+        # the thumbnail `stm predict` made from the drawn overlay, else the overlay's path: its
+        # thumbnail is made later, with the others (`thumbnails_and_histograms`)
+        thumb = (self.thumbs.get(rel) or ov) if ov and len(self.rows) < MAX_THUMBS else None
         self.rows.append({"image": doc.get("image", rel), "shape": doc.get("shape", []), "px": px,
                           "n": len(defects), "area": rec["area_nm2"], "counts": rec["counts"],
                           "link": ov.relative_to(self.out_dir).as_posix() if ov else None, "thumb": thumb})
@@ -181,7 +190,7 @@ class _Collector:
         matplotlib draws the histograms."""
         from concurrent.futures import ThreadPoolExecutor
 
-        todo = [r for r in self.rows if r["thumb"] is not None]
+        todo = [r for r in self.rows if isinstance(r["thumb"], Path)]
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
             thumbs = pool.map(_thumbnail, [r["thumb"] for r in todo])
             hist = self.histograms()
@@ -248,14 +257,15 @@ def _swatch(cls: int) -> str:
 
 def write_report(out_dir: str | Path, jsons: Iterable[str], class_names: dict | None = None,
                  failures: Iterable[dict] = (), title: str = "stm-defects report",
-                 load: Callable[[Path], dict | None] | None = None) -> Path:
+                 load: Callable[[Path], dict | None] | None = None, thumbs: dict | None = None) -> Path:
     """Write ``out_dir/report.html`` (atomically) for the prediction JSONs ``jsons`` (paths
     relative to ``out_dir``, read one at a time) and return its path. ``failures`` are rows with
-    ``scan``, ``stage`` and ``reason``."""
+    ``scan``, ``stage`` and ``reason``. ``thumbs``: JSON path -> `thumbnail_uri` of its overlay,
+    where already made (the others are made from the overlay PNGs)."""
     out_dir = Path(out_dir)
     names = dict(class_names or {})
     load = load or (lambda p: json.loads(p.read_text()))
-    col = _Collector(out_dir, names)
+    col = _Collector(out_dir, names, thumbs)
     for rel in jsons:
         doc = load(out_dir / rel)
         if doc is not None:
