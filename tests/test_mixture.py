@@ -45,3 +45,49 @@ def test_the_allowed_names_are_the_allowed_classes():
     from stm_defects.io import safe_models
 
     assert set(safe_models.ALLOWED_NAMES) == set(safe_models.allowed_estimators())
+
+
+def test_a_paper_model_file_is_checked_without_building_it():
+    """`safe_models.check` (what a loader runs on the paper method's K-means and GMM, built on
+    first use) refuses what `loads` refuses, with the same message, and builds nothing."""
+    import io as _io
+    import json
+    import zipfile
+
+    from stm_defects.io import safe_models
+
+    def craft(kind, tree):
+        header = {"format": safe_models.FORMAT, "version": safe_models.FORMAT_VERSION, "kind": kind, "tree": tree}
+        buf = _io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            with zf.open("__header__.npy", "w") as fh:
+                np.lib.format.write_array(fh, np.frombuffer(json.dumps(header).encode(), np.uint8))
+        return buf.getvalue()
+
+    cases = {"a dict": craft("gmm", {"$dict": {}}),
+             "not allowed": craft("gmm", {"$estimator": "os.system", "state": {"$dict": {}}}),
+             "light class by name": craft("gmm", {"$estimator": "stm_defects.models.mixture.FittedGaussianMixture",
+                                                 "state": {"$dict": {}}}),
+             "wrong kind": craft("kmeans", {"$estimator": "sklearn.mixture.GaussianMixture", "state": {"$dict": {}}})}
+    for what, data in cases.items():
+        kind = "kmeans" if what == "wrong kind" else "gmm"
+        with pytest.raises(safe_models.ModelFileError) as built:
+            safe_models.loads(data, kind, "m.npz")
+        with pytest.raises(safe_models.ModelFileError) as checked:
+            safe_models.check(data, kind, "m.npz")
+        assert str(built.value) == str(checked.value), what
+        assert not str(built.value).endswith("GMMSelector')"), str(built.value)   # a KeyError's repr before
+    with pytest.raises(safe_models.ModelFileError, match=r"\(it holds a dict\)"):
+        safe_models.loads(cases["a dict"], "gmm", "m.npz")
+    ok = craft("gmm", {"$estimator": "sklearn.mixture.GaussianMixture", "state": {"$dict": {"n_components": 2}}})
+    assert safe_models.check(ok, "gmm", "m.npz") is None
+
+
+def test_nan_input_is_refused_as_sklearn_refuses_it():
+    g = GaussianMixture(2, random_state=0).fit(np.random.default_rng(0).normal(size=(50, 3)))
+    X = np.array([[np.nan, 0.0, 0.0]])
+    for f in (predict_proba, score_samples, predict):
+        with pytest.raises(ValueError, match="NaN"):
+            f(g, X)
+        with pytest.raises(ValueError, match="NaN"):
+            getattr(g, f.__name__)(X)

@@ -154,3 +154,31 @@ def test_thumbnails_made_from_the_drawn_overlays_give_the_same_page(tmp_path):
     assert write_report(tmp_path, scans, thumbs=drawn).read_bytes() == from_png
     wrong = {scans[0]: "data:image/jpeg;base64,AAAA"}          # and the ones given are used
     assert b"base64,AAAA" in write_report(tmp_path, scans, thumbs=wrong).read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stm_predict_hands_the_report_the_thumbnails_its_workers_drew(tmp_path, monkeypatch, workers):
+    from typer.testing import CliRunner
+
+    from stm_defects.analysis import report as report_module
+    from stm_defects.cli import app
+    from tiny import tiny_models
+
+    tiny_models(tmp_path / "models")
+    for i in range(3):
+        np.save(tmp_path / f"scan{i}.npy", np.random.default_rng(i).normal(size=(96, 96)))
+    seen = {}
+    real = report_module.write_report
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs.get("thumbs") or {})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report_module, "write_report", spy)
+    r = CliRunner().invoke(app, ["predict", *(str(tmp_path / f"scan{i}.npy") for i in range(3)), "--models",
+                                 str(tmp_path / "models"), "--out", str(tmp_path / "out"), "--workers", str(workers)])
+    assert r.exit_code == 0, r.output
+    assert sorted(seen) == [f"scan{i}.json" for i in range(3)]
+    assert all(v.startswith("data:image/jpeg;base64,") for v in seen.values())
+    page = (tmp_path / "out" / "report.html").read_bytes()
+    assert write_report(tmp_path / "out", sorted(seen)).read_bytes() == page     # as from the PNGs

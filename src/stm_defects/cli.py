@@ -596,14 +596,18 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
         else:
             produced.add(done)
             n_skipped += 1
-    job = batch.Job(cfg, str(out), provenance, options, max_pixels, spec.fingerprint, key.config)
+    from stm_defects.analysis.report import MAX_THUMBS
+
+    # the report shows MAX_THUMBS thumbnails: a batch of at most that many scans has its workers
+    # make them from the overlays they draw (~30 kB each, kept here), a larger one leaves them to
+    # the report (from the PNGs of the scans it shows)
+    job = batch.Job(cfg, str(out), provenance, options, max_pixels, spec.fingerprint, key.config,
+                    thumbnails=len(tasks) <= MAX_THUMBS)
     failed: list[tuple[int, Failure]] = []
     tally = {"done": 0, "defects": 0, "uncalibrated": 0}
     uncalibrated: list[str] = []
 
     meanwhile: list[bool] = []        # with workers: the report's imports start once they run
-    from stm_defects.analysis.report import MAX_THUMBS
-
     thumbs: dict[str, str] = {}       # JSON -> its overlay's report thumbnail, made by the workers
 
     with _progress(len(tasks), "predict") as bar:
@@ -616,8 +620,8 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
                 failed.append((task.index, got))
             else:
                 produced.add(got["json"])
-                if got.get("thumb") and len(thumbs) < MAX_THUMBS:   # kept for the report: at most
-                    thumbs[got["json"]] = got["thumb"]               # MAX_THUMBS of ~10 kB
+                if got.get("thumb"):
+                    thumbs[got["json"]] = got["thumb"]
                 tally["done"] += 1
                 tally["defects"] += got["n_defects"]
                 if not got["calibrated"]:

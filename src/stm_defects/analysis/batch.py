@@ -241,6 +241,7 @@ class Job:
     max_pixels: int | None
     fingerprint: str
     config_values: dict | None = None  # cfg.to_dict() in the driver (`predict_task` checks it)
+    thumbnails: bool = False           # return the report's thumbnail of each overlay (``thumb``)
 
 
 CODE_DIFFERS = ("this worker's stm-defects reads the prediction config differently from the command's "
@@ -264,7 +265,7 @@ def predict_task(models: Models, job: Job, task: Task) -> dict | Failure:
                            provenance=job.provenance, pixel_nm=job.options["pixel_nm"],
                            scan_nm=job.options["scan_nm"], max_pixels=job.max_pixels, name=task.name,
                            fingerprint=job.fingerprint, channel=job.options.get("channel"),
-                           field_from_name=bool(job.options.get("field_from_name")))
+                           field_from_name=bool(job.options.get("field_from_name")), thumbnail=job.thumbnails)
     if isinstance(got, Failure):
         if task.direction is not None:      # --direction all: say which one failed
             got = dataclasses.replace(got, scan=f"{got.scan} ({task.direction})")

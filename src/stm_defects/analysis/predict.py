@@ -219,9 +219,9 @@ def output_stem(path: Path, scan: Scan, name: str | None = None) -> str:
 def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, Analysis, list[dict]],
                      models: Models, cfg: PredictConfig, out_dir: str | Path,
                      provenance: dict | None = None, *, name: str | None = None, source: dict | None = None,
-                     options: dict | None = None, fingerprint: str | None = None) -> dict:
+                     options: dict | None = None, fingerprint: str | None = None, thumbnail: bool = True) -> dict:
     """Write the pictures, then the JSON, of one analysed scan (`analyse_scan`'s result); return
-    its summary row. Each file is written atomically, and the JSON last: a scan has a JSON only
+    its summary row (with ``thumbnail``, the report's thumbnail of the overlay: ``thumb``). Each file is written atomically, and the JSON last: a scan has a JSON only
     when all its pictures were written.
 
     The JSON: ``image`` (the path as given), ``shape``, ``pixel_size_nm`` and its source,
@@ -245,7 +245,12 @@ def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, 
     overlay = scan_figure(display, local, px, getattr(result, "z_per_unit", None), scan.unit, names,
                           title=f"{path.name}: {len(local)} defect{'s' if len(local) != 1 else ''}")
     save_picture(out / f"{stem}_overlay.png", overlay)
-    thumb = thumbnail_uri(overlay)      # the report's, made here from the picture in memory
+    thumb = None                        # the report's, made here from the picture in memory
+    if thumbnail:
+        try:
+            thumb = thumbnail_uri(overlay)
+        except (OSError, ValueError):   # the report then makes it from the PNG, or shows none
+            thumb = None
     save_picture(out / f"{stem}_classes.png", class_figure(display, result.class_map, local, px, names))
     save_picture(out / f"{stem}_character.png",
                   character_figure(result.char_map, result.error_map, px, cfg.improved.anomaly.threshold,
@@ -341,7 +346,8 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
                      pixel_nm: float | None = None, scan_nm: float | None = None,
                      max_pixels: int | None = None, name: str | None = None,
                      fingerprint: str | None = None, channel: str | None = None,
-                     field_from_name: bool = False, options: dict | None = None) -> dict | Failure:
+                     field_from_name: bool = False, options: dict | None = None,
+                     thumbnail: bool = True) -> dict | Failure:
     """`predict_scan` for a batch: the summary row, or the `Failure` of the stage that raised.
 
     Stages: read (the file, its sha256, and the size check), analyse (preprocessing and the
@@ -362,7 +368,7 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
                                 source=source,
                                 options=options if options is not None else
                                 read_options(direction, pixel_nm, scan_nm, channel, field_from_name),
-                                fingerprint=fingerprint)
+                                fingerprint=fingerprint, thumbnail=thumbnail)
     except Exception as err:  # noqa: BLE001 - one bad scan must not end the batch
         return Failure(str(path), stage, failure_reason(err), err)
 

@@ -175,7 +175,6 @@ class _Collector:
                     continue
             self.crops[c].append(_data_uri(strip.crop((i * CROP_PX, 0, (i + 1) * CROP_PX, CROP_PX))))
         ov = _picture(self.out_dir, doc, "overlay")
-        # the thumbnail is made later, with the others (`thumbnails`): here only which picture
         # the thumbnail `stm predict` made from the drawn overlay, else the overlay's path: its
         # thumbnail is made later, with the others (`thumbnails_and_histograms`)
         thumb = (self.thumbs.get(rel) or ov) if ov and len(self.rows) < MAX_THUMBS else None

@@ -149,7 +149,9 @@ def _kind_ok(kind: str, obj: Any, classes: dict[str, type]) -> bool:
         return isinstance(obj, dict)
     if isinstance(obj, _Unbuilt):
         return obj.name in _KIND_NAMES[kind]
-    return type(obj) in {classes[n] for n in _KIND_NAMES[kind]}
+    if isinstance(obj, (dict, list, tuple)) or obj is None:
+        return False
+    return type(obj) in {classes.get(n) for n in _KIND_NAMES[kind]} - {None}
 
 
 class _Unbuilt:
@@ -373,8 +375,10 @@ def loads(data: bytes, kind: str, where: str = "model file", *, build: bool = Tr
             raise ModelFileError(f"it holds a {header.get('kind')!r} model")
         classes = _Classes(kind, build)
         obj = _Decoder(arrays, classes)(header.get("tree"))
-        if not _kind_ok(kind, obj, {} if isinstance(obj, (dict, _Unbuilt)) else allowed_estimators()):
-            raise ModelFileError(f"it holds a {obj.name if isinstance(obj, _Unbuilt) else type(obj).__name__}")
+        plain = obj is None or isinstance(obj, (dict, list, tuple, _Unbuilt, str, int, float))
+        if not _kind_ok(kind, obj, {} if plain else allowed_estimators()):
+            held = obj.name.rsplit(".", 1)[-1] if isinstance(obj, _Unbuilt) else type(obj).__name__
+            raise ModelFileError(f"it holds a {held}")
         return obj if build else None
     except ModelFileError as err:
         raise ModelFileError(f"{hint} ({err})") from None

@@ -43,11 +43,16 @@ class FittedGaussianMixture:
 
 
 def _as_float(X) -> np.ndarray:
-    """``X`` as scikit-learn's input check leaves it for a mixture: float64, or float32 kept."""
+    """``X`` checked as scikit-learn checks a mixture's input (2-D, finite): float64 and float32
+    kept, anything else as float64 (where scikit-learn would keep an integer or float16 dtype and
+    compute in it: the callers here always pass floats)."""
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-D array of samples x features, got shape {X.shape}")
-    return X if X.dtype in (np.float64, np.float32) else X.astype(np.float64)
+    X = X if X.dtype in (np.float64, np.float32) else X.astype(np.float64)
+    if not np.isfinite(X).all():
+        raise ValueError("Input X contains NaN or infinity.")
+    return X
 
 
 def _log_det_cholesky(chol: np.ndarray, covariance_type: str, n_features: int) -> np.ndarray:
