@@ -47,6 +47,7 @@ def test_the_allowed_names_are_the_allowed_classes():
     assert set(safe_models.ALLOWED_NAMES) == set(safe_models.allowed_estimators())
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.InconsistentVersionWarning")   # crafted states
 def test_a_paper_model_file_is_checked_without_building_it():
     """`safe_models.check` (what a loader runs on the paper method's K-means and GMM, built on
     first use) refuses what `loads` refuses, with the same message, and builds nothing."""
