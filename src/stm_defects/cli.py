@@ -555,9 +555,11 @@ def is_all_directions(direction: str | None) -> bool:
     return direction is not None and direction.strip().lower() == "all"
 
 
+@functools.cache
 def _import_report_meanwhile() -> None:
     """Import what the report needs at the end (matplotlib's figure and Agg canvas) in a thread,
-    while this process only waits for workers; the import lock makes a later import wait for it."""
+    while this process only waits for workers; the import lock makes a later import wait for it.
+    Once per process."""
     import threading
 
     def imports() -> None:
@@ -607,14 +609,14 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
     tally = {"done": 0, "defects": 0, "uncalibrated": 0}
     uncalibrated: list[str] = []
 
-    meanwhile: list[bool] = []        # with workers: the report's imports start once they run
+    on_ray = engine == "ray" and bool(tasks)
+    in_pool = not on_ray and workers > 1 and len(tasks) > 1
     thumbs: dict[str, str] = {}       # JSON -> its overlay's report thumbnail, made by the workers
 
     with _progress(len(tasks), "predict") as bar:
         def on_result(task, got) -> None:
-            if meanwhile and not meanwhile[0]:
-                meanwhile[0] = True
-                _import_report_meanwhile()
+            if on_ray or in_pool:     # this process waits: import the report's needs meanwhile,
+                _import_report_meanwhile()   # once the workers run (not competing with their start)
             if isinstance(got, Failure):
                 log_failure(got)
                 failed.append((task.index, got))
@@ -630,13 +632,11 @@ def _predict_batch(files, roots, bundle, cfg, provenance, spec, out: Path, direc
                         uncalibrated.append(Path(got["scan"]).name)
             bar.update(1)
 
-        if engine == "ray" and tasks:
+        if on_ray:
             from stm_defects.mlops.ray_engine import predict_with_ray
 
-            meanwhile.append(False)
             predict_with_ray(tasks, spec, job, workers, on_result, address=ray_address)
-        elif workers > 1 and len(tasks) > 1:
-            meanwhile.append(False)     # not before: it would compete with the workers' start
+        elif in_pool:
             batch.run_pool(tasks, spec, job, min(workers, len(tasks)), on_result)
         else:
             for task in tasks:

@@ -219,10 +219,11 @@ def output_stem(path: Path, scan: Scan, name: str | None = None) -> str:
 def write_prediction(path: Path, scan: Scan, analysed: tuple[np.ndarray, float, Analysis, list[dict]],
                      models: Models, cfg: PredictConfig, out_dir: str | Path,
                      provenance: dict | None = None, *, name: str | None = None, source: dict | None = None,
-                     options: dict | None = None, fingerprint: str | None = None, thumbnail: bool = True) -> dict:
+                     options: dict | None = None, fingerprint: str | None = None, thumbnail: bool = False) -> dict:
     """Write the pictures, then the JSON, of one analysed scan (`analyse_scan`'s result); return
-    its summary row (with ``thumbnail``, the report's thumbnail of the overlay: ``thumb``). Each file is written atomically, and the JSON last: a scan has a JSON only
-    when all its pictures were written.
+    its summary row (with ``thumbnail``, also the report's thumbnail of the overlay: ``thumb``).
+    Each file is written atomically, and the JSON last: a scan has a JSON only when all its
+    pictures were written.
 
     The JSON: ``image`` (the path as given), ``shape``, ``pixel_size_nm`` and its source,
     ``channel``, ``direction``, ``crop_origin``, ``area_nm2`` (the measured area of the analysed,
@@ -347,7 +348,7 @@ def try_predict_scan(path: str | Path, models: Models, cfg: PredictConfig, out_d
                      max_pixels: int | None = None, name: str | None = None,
                      fingerprint: str | None = None, channel: str | None = None,
                      field_from_name: bool = False, options: dict | None = None,
-                     thumbnail: bool = True) -> dict | Failure:
+                     thumbnail: bool = False) -> dict | Failure:
     """`predict_scan` for a batch: the summary row, or the `Failure` of the stage that raised.
 
     Stages: read (the file, its sha256, and the size check), analyse (preprocessing and the

@@ -248,6 +248,8 @@ def fit_classes(patches: np.ndarray, cfg: ClassifyConfig = ClassifyConfig(), see
 
 
 def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
+    from sklearn.metrics import adjusted_rand_score  # fitting only: predicting needs no scikit-learn
+
     rng = np.random.default_rng(seed)
     if len(patches) > cfg.max_samples:
         patches = patches[np.sort(rng.choice(len(patches), cfg.max_samples, replace=False))]
@@ -269,7 +271,7 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
             a_idx, b_idx = perm[: n // 2], perm[n // 2:]
             ga = _gmm(k, cfg, seed + 1 + 2 * b).fit(Z[a_idx])
             gb = _gmm(k, cfg, seed + 2 + 2 * b).fit(Z[b_idx])
-            stab.append(_ari(ga.predict(Z), gb.predict(Z)))
+            stab.append(adjusted_rand_score(ga.predict(Z), gb.predict(Z)))
         table.append({"k": k, "bic": bic, "stability": float(np.mean(stab))})
         table[-1]["_model"] = g
     stable = [t for t in table if t["stability"] >= cfg.stability_min]
@@ -291,12 +293,6 @@ def _fit_classes(patches: np.ndarray, cfg: ClassifyConfig, seed: int) -> dict:
         "selection": [{k: v for k, v in t.items() if k != "_model"} for t in table],
     })
     return state
-
-
-def _ari(a: np.ndarray, b: np.ndarray) -> float:
-    from sklearn.metrics import adjusted_rand_score
-
-    return adjusted_rand_score(a, b)
 
 
 def _class_posteriors(post: np.ndarray, cmap: np.ndarray, n_classes: int) -> np.ndarray:

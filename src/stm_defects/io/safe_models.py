@@ -143,22 +143,24 @@ def allowed_estimators() -> dict[str, type]:
     }
 
 
-def _kind_ok(kind: str, obj: Any, classes: dict[str, type]) -> bool:
-    """Whether `obj` (the decoded tree) is what a model of `kind` must be."""
+def _kind_ok(kind: str, obj: Any, classes: dict[str, type] | None = None) -> bool:
+    """Whether `obj` (the decoded tree) is what a model of `kind` must be. ``classes``
+    (`allowed_estimators`) is looked up only for a built estimator."""
     if kind == "improved":
         return isinstance(obj, dict)
     if isinstance(obj, _Unbuilt):
         return obj.name in _KIND_NAMES[kind]
-    if isinstance(obj, (dict, list, tuple)) or obj is None:
+    if isinstance(obj, (dict, list, tuple, str, int, float)) or obj is None:
         return False
-    return type(obj) in {classes.get(n) for n in _KIND_NAMES[kind]} - {None}
+    classes = classes if classes is not None else allowed_estimators()
+    return type(obj) in {classes[n] for n in _KIND_NAMES[kind]}
 
 
 class _Unbuilt:
-    """An estimator node checked (allowed name, well-formed state) but not built: `check`."""
+    """An estimator node checked (allowed name, well-formed state) but not built (`check`): the
+    decoder builds the subclass `_Classes` makes for its ``name``, whose state it drops."""
 
-    def __init__(self, name: str):
-        self.name = name
+    name = ""
 
     def __setstate__(self, state: dict) -> None:
         pass
@@ -178,7 +180,7 @@ class _Classes:
         if name not in ALLOWED_NAMES:
             return None
         if not self.build:
-            return lambda: _Unbuilt(name)
+            return type("_Unbuilt", (_Unbuilt,), {"name": name})
         if self.kind == "improved" and name == _MIXTURE:
             from stm_defects.models.mixture import FittedGaussianMixture
 
@@ -294,7 +296,7 @@ class _Decoder:
             state = self(v["state"])
             if not isinstance(state, dict):
                 raise ModelFileError(f"{v['$estimator']}: its state is not a dict")
-            obj = cls() if not isinstance(cls, type) else cls.__new__(cls)   # `_Unbuilt` by name
+            obj = cls.__new__(cls)
             obj.__setstate__(state)
             return obj
         raise ModelFileError(f"unexpected node {str(v)[:80]!r}")
@@ -375,8 +377,7 @@ def loads(data: bytes, kind: str, where: str = "model file", *, build: bool = Tr
             raise ModelFileError(f"it holds a {header.get('kind')!r} model")
         classes = _Classes(kind, build)
         obj = _Decoder(arrays, classes)(header.get("tree"))
-        plain = obj is None or isinstance(obj, (dict, list, tuple, _Unbuilt, str, int, float))
-        if not _kind_ok(kind, obj, {} if plain else allowed_estimators()):
+        if not _kind_ok(kind, obj):
             held = obj.name.rsplit(".", 1)[-1] if isinstance(obj, _Unbuilt) else type(obj).__name__
             raise ModelFileError(f"it holds a {held}")
         return obj if build else None
